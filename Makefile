@@ -1,0 +1,55 @@
+# afina — every routine action has a target. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# llama.cpp is compiled once by pip and then served from pip's wheel cache;
+# portable CPU flags so a cached wheel also runs on another machine's CPU
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+PACKAGES := -e shared[catalog] -e services/ingest -e services/trainer -e services/exporter \
+            -e services/gateway[llamacpp] -e deploy/local -e cli
+
+.PHONY: help install demo test test-fast lint bench up up-services down clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(VENV)/.installed: shared/pyproject.toml services/*/pyproject.toml cli/pyproject.toml deploy/local/pyproject.toml requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	# the CPU build of torch first, so no dependency pulls CUDA wheels
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(PACKAGES) -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install every service editable
+
+demo: install  ## start the embedded stack, fine-tune SmolLM2 on the sample data, chat with it
+	$(PY) -m afina.cli.demo
+
+test: install  ## unit, integration (real servers) and end-to-end tests
+	$(PY) -m pytest
+
+test-fast: install  ## everything but the slow end-to-end tests
+	$(PY) -m pytest -m "not slow"
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check shared services cli deploy tests bench
+
+bench: install  ## the end-to-end pipeline benchmark (writes bench/results/)
+	$(PY) bench/pipeline_e2e.py
+
+up: install  ## start the embedded stack in the background
+	$(VENV)/bin/afina up --embedded
+
+up-services: install  ## start every service as its own process (Redis, PostgreSQL, SeaweedFS, llama.cpp server)
+	$(VENV)/bin/afina up --services
+
+down:  ## stop whatever `afina up` started
+	$(VENV)/bin/afina down
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,227 @@
+"""Bring the afina stack up or down on loopback, in one of two shapes (configuration only):
+
+- embedded: SQLite, a local-directory store, Celery over the filesystem, llama.cpp
+  in the gateway process; one gateway and one all-in-one worker.
+- services: PostgreSQL, Redis, SeaweedFS (S3), and each service as its own
+  process (gateway, ingest, trainer and exporter workers), serving through
+  ``llama_cpp.server`` processes.
+
+What was started is written to ``<home>/run/state.json`` so ``afina down`` stops
+exactly those PIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from afina.deploy.processes import ManagedProcess, free_port, http_ok, port_open, spawn, stop, wait_ready
+
+WORKER_SERVICES = {"ingest": "ingest", "trainer": "train", "exporter": "export"}
+
+
+@dataclass
+class StackState:
+    mode: str
+    home: str
+    base_url: str
+    api_key: str
+    env: dict[str, str]
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def save(self) -> None:
+        path = state_path(Path(self.home))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"mode": self.mode, "home": self.home, "base_url": self.base_url, "api_key": self.api_key,
+                   "env": self.env, "processes": [p.as_dict() for p in self.processes]}
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(payload, indent=2))
+        partial.chmod(0o600)  # holds the bootstrap API key
+        partial.replace(path)
+
+    def process(self, name: str) -> ManagedProcess:
+        return next(p for p in self.processes if p.name == name)
+
+
+def state_path(home: Path) -> Path:
+    return home / "run" / "state.json"
+
+
+def load_state(home: Path) -> StackState | None:
+    path = state_path(home)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    processes = [ManagedProcess(**p) for p in data.pop("processes")]
+    return StackState(processes=processes, **data)
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()}
+    env["AFINA_HOME"] = str(home)
+    env.setdefault("AFINA_LOG_JSON", "true")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _bootstrap_key(env: dict[str, str], tenant: str) -> str:
+    """Migrate the registry and create an API key for ``tenant`` with the stack's own settings."""
+    from afina.core.db import repository as repo
+    from afina.core.runtime import Runtime
+    from afina.core.settings import Settings
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AFINA_")})
+    try:
+        runtime = Runtime(Settings())
+        with runtime.db.session() as session:
+            key = repo.create_api_key(session, tenant)
+        runtime.db.dispose()
+        return key
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def worker_command(services: list[str]) -> list[str]:
+    queues = ",".join(WORKER_SERVICES[name] for name in services)
+    return [sys.executable, "-m", "celery", "-A", "afina.core.queue.worker", "worker", "-Q", queues,
+            "--concurrency", "1", "--pool", "prefork", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+            "-n", f"{'-'.join(services)}@%h"]
+
+
+def start_worker(state: StackState, services: list[str], name: str | None = None) -> ManagedProcess:
+    env = dict(state.env)
+    env["AFINA_WORKER_SERVICES"] = ",".join(services)
+    env["AFINA_METRICS_PORT"] = str(free_port())
+    process = spawn(name or "worker-" + "-".join(services), worker_command(services), env,
+                    Path(state.home) / "logs", port=int(env["AFINA_METRICS_PORT"]))
+    wait_ready(process, lambda: port_open(process.port), 180)
+    return process
+
+
+def start_gateway(state: StackState, port: int) -> ManagedProcess:
+    command = [sys.executable, "-m", "uvicorn", "afina.gateway.app:create_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(port), "--no-access-log"]
+    process = spawn("gateway", command, state.env, Path(state.home) / "logs", port=port)
+    wait_ready(process, lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120)
+    return process
+
+
+def up_embedded(home: Path, port: int | None = None, tenant: str = "default") -> StackState:
+    home = home.resolve()
+    port = port or free_port()
+    env = _base_env(home)
+    env.update({"AFINA_STORE_BACKEND": "local", "AFINA_INFERENCE_BACKEND": "inprocess",
+                "AFINA_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"})
+    env.pop("AFINA_DATABASE_URL", None)
+    env.pop("AFINA_BROKER_URL", None)
+    state = StackState(mode="embedded", home=str(home), base_url=f"http://127.0.0.1:{port}/v1",
+                       api_key=_bootstrap_key(env, tenant), env=env)
+    try:
+        state.processes.append(start_worker(state, ["ingest", "trainer", "exporter"], name="worker"))
+        state.processes.append(start_gateway(state, port))
+    except BaseException:
+        _stop_all(state)
+        raise
+    state.save()
+    return state
+
+
+def _ensure_postgres_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        exists = connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                    {"n": target.database}).first()
+        if not exists:
+            connection.execute(text(f'CREATE DATABASE "{target.database}"'))
+    admin.dispose()
+
+
+def _start_seaweedfs(state: StackState) -> ManagedProcess:
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    data_dir = Path(state.home) / "seaweedfs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
+    config = {"identities": [{"name": "afina", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                              "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    config_path = data_dir / "s3.json"
+    config_path.write_text(json.dumps(config))
+    config_path.chmod(0o600)
+    s3_port = free_port()
+    command = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config_path}",
+               f"-s3.port={s3_port}", f"-master.port={free_port()}", f"-volume.port={free_port()}",
+               f"-filer.port={free_port()}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+               "-s3.port.lance=0"]
+    process = spawn("seaweedfs", command, dict(os.environ), Path(state.home) / "logs", port=s3_port)
+    wait_ready(process, lambda: port_open(s3_port), 60)
+    state.env.update({"AFINA_STORE_BACKEND": "s3", "AFINA_S3_ENDPOINT": f"127.0.0.1:{s3_port}",
+                      "AFINA_S3_ACCESS_KEY": access_key, "AFINA_S3_SECRET_KEY": secret_key})
+    return process
+
+
+def up_services(home: Path, port: int | None = None, tenant: str = "default") -> StackState:
+    """Every service as its own process against PostgreSQL, Redis and SeaweedFS."""
+    home = home.resolve()
+    port = port or free_port()
+    env = _base_env(home)
+    env.setdefault("AFINA_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/afina")
+    env.setdefault("AFINA_BROKER_URL", "redis://127.0.0.1:6379/0")
+    env.update({"AFINA_INFERENCE_BACKEND": "llamacpp-server", "AFINA_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"})
+    if env["AFINA_DATABASE_URL"].startswith("postgresql"):
+        _ensure_postgres_database(env["AFINA_DATABASE_URL"])
+    state = StackState(mode="services", home=str(home), base_url=f"http://127.0.0.1:{port}/v1", api_key="",
+                       env=env)
+    try:
+        if env.get("AFINA_STORE_BACKEND", "s3") == "s3" and "AFINA_S3_ENDPOINT" not in os.environ:
+            state.processes.append(_start_seaweedfs(state))
+        state.api_key = _bootstrap_key(state.env, tenant)
+        for service in WORKER_SERVICES:
+            state.processes.append(start_worker(state, [service], name=service))
+        state.processes.append(start_gateway(state, port))
+    except BaseException:
+        _stop_all(state)
+        raise
+    state.save()
+    return state
+
+
+def restart_worker(home: Path, service: str) -> ManagedProcess:
+    """Start ``service``'s worker again (after it died) and record its new PID."""
+    state = load_state(home.resolve())
+    if state is None:
+        raise RuntimeError(f"no stack is running from {home}")
+    names = ["ingest", "trainer", "exporter"] if state.mode == "embedded" else [service]
+    name = "worker" if state.mode == "embedded" else service
+    process = start_worker(state, names, name=name)
+    state.processes = [p for p in state.processes if p.name != name] + [process]
+    state.save()
+    return process
+
+
+def _stop_all(state: StackState) -> list[str]:
+    stopped = []
+    # gateway first (no new work), then workers (they checkpoint on SIGTERM), then the servers
+    for process in sorted(state.processes, key=lambda p: {"gateway": 0, "seaweedfs": 2}.get(p.name, 1)):
+        stop(process.pid)
+        stopped.append(process.name)
+    return stopped
+
+
+def down(home: Path) -> list[str]:
+    state = load_state(home.resolve())
+    if state is None:
+        return []
+    stopped = _stop_all(state)
+    state_path(Path(state.home)).unlink(missing_ok=True)
+    return stopped

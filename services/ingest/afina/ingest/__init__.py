@@ -1,0 +1,1 @@
+"""afina ingest: turn an uploaded training file into a validated, normalized, split dataset."""

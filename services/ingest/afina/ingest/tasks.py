@@ -1,0 +1,15 @@
+"""Celery task bodies of the ingest worker: a few lines each, the work is in plain functions."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from afina.core.queue.jobs import run_stage
+from afina.core.queue.names import TASK_PREPARE_DATASET
+
+
+@shared_task(name=TASK_PREPARE_DATASET, bind=True)
+def prepare_dataset_task(self, job_id: str) -> str:  # noqa: ANN001
+    from afina.ingest.prepare import prepare_dataset
+
+    return run_stage(self.app.afina_runtime, job_id, "ingest", prepare_dataset)

@@ -1,0 +1,1 @@
+"""Dataset layout in the store and the checks every service agrees on."""

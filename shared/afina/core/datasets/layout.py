@@ -1,0 +1,35 @@
+"""Where datasets, jobs and models live in the object store.
+
+Every key starts with the tenant, so a listing can never cross tenants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def raw_file_key(tenant_id: str, file_id: str, filename: str) -> str:
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in filename)[-128:] or "upload"
+    return f"files/{tenant_id}/{file_id}/{safe_name}"
+
+
+def dataset_prefix(tenant_id: str, training_file: str, validation_file: str | None) -> str:
+    """A processed dataset is addressed by its inputs, so preparing it twice finds the first result."""
+    source = hashlib.sha256(f"{training_file}|{validation_file or ''}".encode()).hexdigest()[:16]
+    return f"datasets/{tenant_id}/{source}"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def checkpoint_prefix(job_id: str, step: int) -> str:
+    return f"jobs/{job_id}/checkpoints/step-{step:07d}"
+
+
+def adapter_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/adapter"
+
+
+def model_prefix(tenant_id: str, job_id: str) -> str:
+    return f"models/{tenant_id}/{job_id}"

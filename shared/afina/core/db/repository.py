@@ -1,0 +1,245 @@
+"""Queries the services share. Each takes a session; tenant scoping is explicit in every read."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from afina.core import ids
+from afina.core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, Tenant, now
+from afina.core.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE_STATUSES = frozenset({"validating_files", "queued", "running"})
+API_KEY_PREFIX = "afk-"
+
+
+# tenants and keys -----------------------------------------------------------
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def ensure_tenant(session: Session, tenant_id: str) -> Tenant:
+    if not tenant_id or len(tenant_id) > 64 or not all(c.isalnum() or c in "-_" for c in tenant_id):
+        raise InvalidRequest("tenant names use letters, digits, '-' and '_' (at most 64)", param="tenant")
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        tenant = Tenant(id=tenant_id)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, tenant_id: str) -> str:
+    """Create a key for a tenant (made if new); the plaintext is returned once and never stored."""
+    ensure_tenant(session, tenant_id)
+    api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(key_hash=hash_api_key(api_key), prefix=api_key[:10], tenant_id=tenant_id))
+    return api_key
+
+
+def authenticate(session: Session, api_key: str | None) -> str:
+    """The tenant owning ``api_key``; ``AuthenticationFailed`` otherwise."""
+    if not api_key:
+        raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
+    row = session.get(ApiKey, hash_api_key(api_key))
+    if row is None or row.revoked:
+        raise AuthenticationFailed("incorrect API key provided")
+    return row.tenant_id
+
+
+# files ----------------------------------------------------------------------
+
+def get_file(session: Session, tenant_id: str, file_id: str) -> File:
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"no such file: {file_id}", param="file_id")
+    return row
+
+
+def list_files(session: Session, tenant_id: str, purpose: str | None = None) -> list[File]:
+    query = select(File).where(File.tenant_id == tenant_id).order_by(File.created_at.desc(), File.id)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    return list(session.scalars(query))
+
+
+# jobs -----------------------------------------------------------------------
+
+def get_job(session: Session, tenant_id: str | None, job_id: str, *, for_update: bool = False) -> Job:
+    """A job by id; with ``tenant_id`` None the caller is a worker and sees every tenant."""
+    if for_update:
+        row = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+    else:
+        row = session.get(Job, job_id)
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+        raise NotFound(f"no such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return row
+
+
+def list_jobs(session: Session, tenant_id: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    """Newest first; ``after`` is the id of the last job of the previous page."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if after:
+        anchor = get_job(session, tenant_id, after)
+        query = query.where(or_(Job.created_at < anchor.created_at,
+                                (Job.created_at == anchor.created_at) & (Job.id < anchor.id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def add_event(session: Session, job_id: str, message: str, *, level: str = "info",
+              event_type: str = "message", data: dict[str, Any] | None = None) -> JobEvent:
+    event = JobEvent(id=ids.event_id(), job_id=job_id, seq=time.time_ns(), created_at=now(), level=level,
+                     type=event_type, message=message, data=data)
+    session.add(event)
+    return event
+
+
+def list_events(session: Session, job_id: str, after: str | None, limit: int) -> tuple[list[JobEvent], bool]:
+    """Newest first, as OpenAI lists them; ``after`` is an event id."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after:
+        anchor = session.get(JobEvent, after)
+        if anchor is None or anchor.job_id != job_id:
+            raise NotFound(f"no such event: {after}", param="after")
+        query = query.where(JobEvent.seq < anchor.seq)
+    rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def set_status(session: Session, job: Job, status: str, *, stage: str | None = None,
+               error: dict[str, Any] | None = None, message: str | None = None) -> None:
+    """Move a job to ``status``; terminal jobs never move again."""
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job.id} is already {job.status}")
+    job.status = status
+    if stage is not None:
+        job.stage = stage
+    if error is not None:
+        job.error = error
+    if status in TERMINAL_STATUSES:
+        job.finished_at = now()
+        job.stage = "done"
+    level = "error" if status == "failed" else "info"
+    add_event(session, job.id, message or f"Job {status.replace('_', ' ')}", level=level)
+
+
+def request_cancel(session: Session, tenant_id: str, job_id: str) -> Job:
+    """Cancel a job: at once if no worker holds it, else cooperatively at the worker's next step."""
+    job = get_job(session, tenant_id, job_id, for_update=True)
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} is already {job.status} and cannot be cancelled", param="fine_tuning_job_id")
+    job.cancel_requested = True
+    lease_alive = job.lease_owner is not None and (job.lease_expires_at or 0) > time.time()
+    if not lease_alive:
+        set_status(session, job, "cancelled", message="Job cancelled")
+    else:
+        add_event(session, job.id, "Cancellation requested")
+    return job
+
+
+def add_checkpoint(session: Session, job_id: str, step: int, object_prefix: str,
+                   metrics: dict[str, Any]) -> Checkpoint:
+    existing = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                        Checkpoint.step_number == step)).first()
+    if existing is not None:
+        existing.metrics = metrics
+        existing.object_prefix = object_prefix
+        return existing
+    checkpoint = Checkpoint(id=ids.checkpoint_id(), job_id=job_id, step_number=step,
+                            object_prefix=object_prefix, metrics=metrics)
+    session.add(checkpoint)
+    return checkpoint
+
+
+def list_checkpoints(session: Session, job_id: str, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if after:
+        anchor = session.get(Checkpoint, after)
+        if anchor is None or anchor.job_id != job_id:
+            raise NotFound(f"no such checkpoint: {after}", param="after")
+        query = query.where(Checkpoint.step_number < anchor.step_number)
+    rows = list(session.scalars(query.order_by(Checkpoint.step_number.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_checkpoint_rows(session: Session, job_id: str, steps: list[int]) -> None:
+    for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                        Checkpoint.step_number.in_(steps))):
+        session.delete(row)
+
+
+# models ---------------------------------------------------------------------
+
+def register_model(session: Session, *, name: str, tenant_id: str, base_model: str, job_id: str,
+                   artifacts: dict[str, Any]) -> Model:
+    """Register a fine-tune once; a second registration for the same job updates it in place."""
+    existing = session.scalars(select(Model).where(Model.job_id == job_id)).first()
+    if existing is not None:
+        existing.artifacts = artifacts
+        return existing
+    model = Model(name=name, tenant_id=tenant_id, base_model=base_model, job_id=job_id, artifacts=artifacts)
+    session.add(model)
+    return model
+
+
+def get_model(session: Session, tenant_id: str, name: str) -> Model | None:
+    row = session.get(Model, name)
+    if row is None or row.tenant_id != tenant_id:
+        return None
+    return row
+
+
+def list_models(session: Session, tenant_id: str) -> list[Model]:
+    return list(session.scalars(select(Model).where(Model.tenant_id == tenant_id).order_by(Model.created_at)))
+
+
+def count_models_for_job(session: Session, job_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Model).where(Model.job_id == job_id)) or 0
+
+
+# leases ---------------------------------------------------------------------
+
+def acquire_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool:
+    """Take the job's lease if free or expired; True if this owner now holds it."""
+    moment = time.time()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id,
+               or_(Job.lease_owner.is_(None), Job.lease_expires_at < moment, Job.lease_owner == owner))
+        .values(lease_owner=owner, lease_expires_at=moment + ttl_s, attempts=Job.attempts + 1)
+    )
+    return result.rowcount == 1
+
+
+def renew_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool:
+    result = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                             .values(lease_expires_at=time.time() + ttl_s))
+    return result.rowcount == 1
+
+
+def release_lease(session: Session, job_id: str, owner: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                    .values(lease_owner=None, lease_expires_at=None))
+
+
+def claim_stale_jobs(session: Session) -> list[Job]:
+    """Active jobs whose lease holder stopped heartbeating; each is claimed by exactly one caller."""
+    moment = time.time()
+    stale = list(session.scalars(select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.lease_owner.is_not(None),
+                                                   Job.lease_expires_at < moment)))
+    claimed = []
+    for job in stale:
+        result = session.execute(update(Job).where(Job.id == job.id, Job.lease_owner == job.lease_owner,
+                                                   Job.lease_expires_at < moment)
+                                 .values(lease_owner=None, lease_expires_at=None))
+        if result.rowcount == 1:
+            claimed.append(job)
+    return claimed

@@ -1,0 +1,115 @@
+"""Typed errors of afina.
+
+Core code raises these; each service maps them once to its wire format
+(OpenAI's ``{"error": {...}}`` on ``/v1``, Ollama's ``{"error": "..."}`` on
+``/api``). ``http_status`` and ``code`` travel with the exception so the
+mapping needs no table of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AfinaError(Exception):
+    """Base of every error afina reports to a user."""
+
+    http_status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(AfinaError):
+    http_status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationFailed(AfinaError):
+    http_status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(AfinaError):
+    http_status = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFound(AfinaError):
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(AfinaError):
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(AfinaError):
+    http_status = 413
+    error_type = "invalid_request_error"
+    code = "file_too_large"
+
+
+class DatasetInvalid(AfinaError):
+    """A training file broke a data rule; ``line`` is 1-based in the uploaded file."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_training_file"
+
+    def __init__(self, message: str, *, line: int | None = None, rule: str | None = None, param: str | None = None) -> None:
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{message}", param=param, code=rule or self.code)
+        self.line = line
+        self.rule = rule
+
+
+class StoreError(AfinaError):
+    """The object store failed in a way the caller cannot fix."""
+
+    http_status = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
+class QueueUnavailable(AfinaError):
+    """The message broker refused a message; the caller may retry later."""
+
+    http_status = 503
+    error_type = "server_error"
+    code = "queue_unavailable"
+
+
+class ObjectMissing(NotFound):
+    code = "object_missing"
+
+
+class TrainingFailed(AfinaError):
+    error_type = "server_error"
+    code = "training_failed"
+
+
+class ExportFailed(AfinaError):
+    error_type = "server_error"
+    code = "export_failed"
+
+
+class InferenceUnavailable(AfinaError):
+    http_status = 503
+    error_type = "server_error"
+    code = "model_unavailable"

@@ -1,0 +1,47 @@
+"""The Celery application, configured the careful way (ARCHITECTURE.md: rules that keep data safe)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from afina.core.queue.names import QUEUE_INGEST, STAGE_TASKS
+from afina.core.settings import Settings
+
+
+def create_celery_app(settings: Settings, include: list[str] | None = None) -> Celery:
+    """A Celery app on the configured broker: Redis in production, the filesystem when embedded."""
+    app = Celery("afina", broker=settings.resolved_broker_url, include=include or [])
+    transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.resolved_broker_url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=QUEUE_INGEST,
+        task_routes={task: {"queue": queue} for task, queue in STAGE_TASKS.values()},
+    )
+    app.conf.task_create_missing_queues = True
+    return app
+
+
+def enqueue_stage(app: Celery, stage: str, job_id: str) -> None:
+    """Send the message that moves ``job_id`` through ``stage``; safe to send twice (leases dedupe)."""
+    task_name, queue = STAGE_TASKS[stage]
+    app.send_task(task_name, args=[job_id], queue=queue)

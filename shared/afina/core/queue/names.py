@@ -1,0 +1,27 @@
+"""Queue and task names: the only contract between services besides the database and the store."""
+
+from __future__ import annotations
+
+QUEUE_INGEST = "ingest"
+QUEUE_TRAIN = "train"
+QUEUE_EXPORT = "export"
+
+TASK_PREPARE_DATASET = "afina.ingest.prepare_dataset"
+TASK_TRAIN = "afina.trainer.train"
+TASK_EXPORT = "afina.exporter.export"
+
+# which task and queue carry a job in each stage (used to enqueue and to recover)
+STAGE_TASKS: dict[str, tuple[str, str]] = {
+    "ingest": (TASK_PREPARE_DATASET, QUEUE_INGEST),
+    "train": (TASK_TRAIN, QUEUE_TRAIN),
+    "export": (TASK_EXPORT, QUEUE_EXPORT),
+}
+
+# the Python module holding each service's task bodies (a worker imports only its own)
+SERVICE_TASK_MODULES: dict[str, str] = {
+    "ingest": "afina.ingest.tasks",
+    "trainer": "afina.trainer.tasks",
+    "exporter": "afina.exporter.tasks",
+}
+
+SERVICE_QUEUES: dict[str, str] = {"ingest": QUEUE_INGEST, "trainer": QUEUE_TRAIN, "exporter": QUEUE_EXPORT}

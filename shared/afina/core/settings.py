@@ -1,0 +1,106 @@
+"""The one settings object of afina.
+
+Every service reads its configuration from here and nowhere else; switching from
+the embedded default (SQLite, local directory, filesystem broker, llama.cpp in
+process) to real servers (PostgreSQL, S3, Redis, llama.cpp server) is a matter
+of environment variables with the ``AFINA_`` prefix, never a code path of its own.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"", "minioadmin", "changeme", "admin", "password", "secret", "afina"})
+
+
+class Settings(BaseSettings):
+    """afina's configuration, read from ``AFINA_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="AFINA_", env_file=None, extra="ignore")
+
+    environment: Literal["local", "production"] = "local"
+    home: Path = Field(default_factory=lambda: Path.home() / ".afina")
+
+    # registry
+    database_url: str | None = None
+
+    # queue
+    broker_url: str | None = None
+    visibility_timeout_s: int = 7 * 24 * 3600
+    lease_s: int = 60
+    heartbeat_s: int = 10
+    recovery_interval_s: int = 15
+
+    # object store
+    store_backend: Literal["local", "s3"] = "local"
+    store_root: Path | None = None
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_bucket: str = "afina"
+    s3_secure: bool = False
+    s3_region: str | None = None
+
+    # inference
+    inference_backend: Literal["inprocess", "llamacpp-server"] = "inprocess"
+    llamacpp_server_base_port: int = 18400
+    inference_n_ctx: int = 2048
+    inference_threads: int | None = None
+    max_loaded_models: int = 2
+
+    # workers
+    work_dir: Path | None = None
+    model_cache_dir: Path | None = None
+    trainer_device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_keep_last: int = 3
+    export_quantizations: list[str] = ["Q4_K_M", "Q8_0"]
+
+    # gateway
+    max_upload_bytes: int = 512 * 1024 * 1024
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    # logging
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> "Settings":
+        if self.environment == "production" and self.store_backend == "s3":
+            for name in ("s3_access_key", "s3_secret_key"):
+                if getattr(self, name).get_secret_value() in PLACEHOLDER_SECRETS:
+                    raise ValueError(f"AFINA_{name.upper()} is a placeholder; set a real secret in production")
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'afina.db'}"
+
+    @cached_property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def resolved_store_root(self) -> Path:
+        return self.store_root or self.home / "store"
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.home / "work"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.home / "models"
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment now (callers keep the object they get)."""
+    return Settings()

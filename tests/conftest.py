@@ -1,0 +1,71 @@
+"""Fixtures shared by every test: settings on temp dirs, and the real servers tests need."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.servers import SeaweedS3, ensure_redis, postgres_url, start_seaweedfs, stop_process
+
+# no test may reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    stop_process(server.process)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return ensure_redis()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    return postgres_url("test")
+
+
+@pytest.fixture
+def postgres_database(postgres_admin_url: str) -> Iterator[str]:
+    """A brand-new PostgreSQL database for one test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"afina_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_url(name)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def afina_home(tmp_path: Path) -> Path:
+    home = tmp_path / "afina-home"
+    home.mkdir()
+    return home
+
+
+@pytest.fixture
+def embedded_settings(afina_home: Path):  # noqa: ANN201
+    from afina.core.settings import Settings
+
+    return Settings(home=afina_home, log_json=False)
+
+
+@pytest.fixture
+def bucket_name() -> str:
+    return f"afina-test-{secrets.token_hex(4)}"
