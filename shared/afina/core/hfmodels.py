@@ -48,12 +48,15 @@ def materialize_base_model(spec: BaseModelSpec, cache_dir: Path) -> Path:
 
 def _convert_gguf(spec: BaseModelSpec, out_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = spec.gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # transformers 5.23 keeps a GGUF model "quantized" (not serializable) unless asked to dequantize
+    # explicitly: the legacy loader (llama-family GGUFs) never sets dequantize on its own.
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+                                                 dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
     tokenizer.chat_template = spec.family.stock_template
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # pad must differ from EOS or the model never learns to stop (unsloth#416, axolotl#1806)

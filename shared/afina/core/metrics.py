@@ -32,7 +32,7 @@ def render_latest() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-def serve_metrics(port: int) -> None:
-    """Expose the metrics on ``port`` (a worker calls this once at start; 0 disables)."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose the metrics on ``host:port`` (a worker calls this once at start; port 0 disables)."""
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     public_base_url: str = "http://127.0.0.1:8000"
 
+    # metrics (workers expose them on their own port; 0 disables)
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+
     # logging
     log_level: str = "INFO"
     log_json: bool = True

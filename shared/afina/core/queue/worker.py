@@ -41,7 +41,7 @@ def _start_recovery(**_kwargs: object) -> None:
 
     runtime.db  # migrate before the first task  # noqa: B018
     start_recovery_loop(runtime)
-    serve_metrics(int(os.environ.get("AFINA_METRICS_PORT", "0")))
+    serve_metrics(settings.metrics_port, settings.metrics_host)
 
 
 @worker_process_init.connect

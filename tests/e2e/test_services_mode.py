@@ -1,0 +1,100 @@
+"""End to end in multi-process mode, driven by the official openai client, on SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from afina.deploy.processes import alive
+from afina.deploy.runner import StackState, restart_worker
+from tests.support.jobs import SAMPLE_DATASET
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def client_for(state: StackState) -> openai.OpenAI:
+    return openai.OpenAI(base_url=state.base_url, api_key=state.api_key, max_retries=0, timeout=300)
+
+
+def wait_for(predicate, timeout: float, what: str, state: StackState):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    logs = "\n".join(f"--- {p.name}\n{Path(p.log).read_text(errors='replace')[-2000:]}" for p in state.processes)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def upload_sample(client: openai.OpenAI, tmp_path: Path, n: int) -> str:
+    path = tmp_path / "aeon.jsonl"
+    path.write_bytes(b"\n".join(SAMPLE_DATASET.read_bytes().splitlines()[:n]) + b"\n")
+    with open(path, "rb") as handle:
+        return client.files.create(file=handle, purpose="fine-tune").id
+
+
+def finished(client: openai.OpenAI, job_id: str):  # noqa: ANN201
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    return job if job.status in {"succeeded", "failed", "cancelled"} else None
+
+
+def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackState, tmp_path: Path) -> None:
+    client = client_for(services_stack)
+    file_id = upload_sample(client, tmp_path, 24)
+    job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=file_id, suffix="aeon",
+                                         hyperparameters={"n_epochs": 1, "batch_size": 4})
+    assert job.status == "validating_files"
+    job = wait_for(lambda: finished(client, job.id), 600, "the job to finish", services_stack)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:smollm2-135m-instruct:default:aeon:{job.id}"
+    assert job.trained_tokens and job.trained_tokens > 0
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all(e.data["train_loss"] >= 0 for e in metrics)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
+
+    assert job.fine_tuned_model in [m.id for m in client.models.list().data]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=24, temperature=0,
+                                           messages=[{"role": "user", "content": "oi aeon, tudo bem?"}])
+    assert reply.choices[0].message.content.strip()
+    assert reply.usage.completion_tokens > 0
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model=job.fine_tuned_model, max_tokens=16, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "what time is it?"}]) if chunk.choices)
+    assert streamed.strip()
+
+
+def test_sigkilled_trainer_resumes_from_checkpoint_and_registers_one_model(services_stack: StackState,
+                                                                          tmp_path: Path) -> None:
+    client = client_for(services_stack)
+    file_id = upload_sample(client, tmp_path, 40)
+    job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=file_id, suffix="kill",
+                                         hyperparameters={"n_epochs": 1, "batch_size": 2, "save_steps": 3})
+    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 600, "a first checkpoint",
+             services_stack)
+    trainer = services_stack.process("trainer")
+    os.killpg(trainer.pid, signal.SIGKILL)
+    wait_for(lambda: not alive(trainer.pid), 30, "the trainer to die", services_stack)
+    killed_at = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
+    restart_worker(Path(services_stack.home), "trainer")
+
+    job = wait_for(lambda: finished(client, job.id), 900, "the resumed job to finish", services_stack)
+    assert job.status == "succeeded", job.error
+    events = list(reversed(client.fine_tuning.jobs.list_events(job.id, limit=500).data))  # oldest first
+    resumed = [i for i, e in enumerate(events) if "Resuming from checkpoint" in e.message]
+    assert len(resumed) == 1, [e.message for e in events]
+    assert f"step {killed_at}" in events[resumed[0]].message
+    # one run at a time: after the resume, steps continue from the checkpoint and strictly increase
+    steps_after = [e.data["step"] for e in events[resumed[0]:] if e.type == "metrics" and "train_loss" in e.data]
+    assert steps_after and steps_after[0] == killed_at + 1
+    assert steps_after == sorted(set(steps_after))
+    models = [m.id for m in client.models.list().data if m.id.endswith(job.id)]
+    assert models == [job.fine_tuned_model]
