@@ -14,12 +14,13 @@ def create_celery_app(settings: Settings, include: list[str] | None = None) -> C
     transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.resolved_broker_url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     app.conf.update(
