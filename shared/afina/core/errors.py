@@ -72,7 +72,8 @@ class DatasetInvalid(AfinaError):
     error_type = "invalid_request_error"
     code = "invalid_training_file"
 
-    def __init__(self, message: str, *, line: int | None = None, rule: str | None = None, param: str | None = None) -> None:
+    def __init__(self, message: str, *, line: int | None = None, rule: str | None = None,
+                 param: str | None = None) -> None:
         where = f"line {line}: " if line is not None else ""
         super().__init__(f"{where}{message}", param=param, code=rule or self.code)
         self.line = line

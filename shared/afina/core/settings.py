@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     log_json: bool = True
 
     @model_validator(mode="after")
-    def _refuse_placeholder_secrets(self) -> "Settings":
+    def _refuse_placeholder_secrets(self) -> Settings:
         if self.environment == "production" and self.store_backend == "s3":
             for name in ("s3_access_key", "s3_secret_key"):
                 if getattr(self, name).get_secret_value() in PLACEHOLDER_SECRETS:

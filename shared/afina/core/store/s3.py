@@ -24,7 +24,7 @@ class S3Store(ArtifactStore):
 
     @classmethod
     def connect(cls, endpoint: str, access_key: str, secret_key: str, bucket: str, *,
-                secure: bool = False, region: str | None = None) -> "S3Store":
+                secure: bool = False, region: str | None = None) -> S3Store:
         client = Minio(endpoint, access_key=access_key or None, secret_key=secret_key or None,
                        secure=secure, region=region)
         store = cls(client, bucket)
