@@ -99,3 +99,38 @@ def ensure_redis() -> str:
 
 def postgres_url(database: str = "test") -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+
+
+@dataclass
+class ServedApp:
+    """An ASGI app served by uvicorn on a loopback port, in a background thread of this process."""
+
+    server: object  # uvicorn.Server
+    thread: object  # threading.Thread
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30) -> None:
+        """Ask uvicorn to exit (running the app's shutdown) and wait for the thread."""
+        self.server.should_exit = True  # type: ignore[attr-defined]
+        self.thread.join(timeout)  # type: ignore[attr-defined]
+
+
+def serve_app(app: object, timeout: float = 60) -> ServedApp:
+    """Start uvicorn for ``app`` on a free port; returns once it accepts connections (lifespan done)."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), timeout, "uvicorn")
+    if not server.started:
+        raise RuntimeError("uvicorn exited before it started (see the log above)")
+    return ServedApp(server=server, thread=thread, port=port)

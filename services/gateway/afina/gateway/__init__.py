@@ -1,0 +1,1 @@
+"""afina gateway: the OpenAI-compatible (and later Ollama-compatible) front door."""

@@ -1,0 +1,27 @@
+"""``python -m afina.gateway [--host H] [--port P]``: serve the gateway with settings from the environment."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from afina.core.logging import configure_logging
+from afina.core.runtime import Runtime
+from afina.core.settings import get_settings
+from afina.gateway.app import create_app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m afina.gateway", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(Runtime(settings)), host=args.host, port=args.port, log_config=None,
+                proxy_headers=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The gateway's FastAPI application, built by ``create_app`` (nothing happens at import).
+
+``uvicorn --factory afina.gateway.app:create_app`` serves it with settings from the
+environment; tests pass a ``Runtime`` of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
+from fastapi import FastAPI, Response
+
+from afina.core.logging import log_event
+from afina.core.metrics import render_latest
+from afina.core.runtime import Runtime
+from afina.core.settings import get_settings
+from afina.gateway.chat.router import router as chat_router
+from afina.gateway.errors import install_error_handlers, log
+from afina.gateway.files.router import router as files_router
+from afina.gateway.fine_tuning.router import router as fine_tuning_router
+from afina.gateway.inference import open_backend
+from afina.gateway.inference.files import ModelFileCache
+from afina.gateway.middleware import MetricsMiddleware
+from afina.gateway.models.router import router as models_router
+
+VERSION = "0.1.0"
+
+
+def create_app(runtime: Runtime | None = None) -> FastAPI:
+    """A gateway on ``runtime`` (by default one built from the environment's settings)."""
+    runtime = runtime or Runtime(get_settings())
+    backend = open_backend(runtime.settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await to_thread.run_sync(lambda: runtime.db)  # opening the database migrates it
+        log_event(log, "gateway.started", backend=runtime.settings.inference_backend)
+        try:
+            yield
+        finally:
+            await backend.close()
+            log_event(log, "gateway.stopped")
+
+    app = FastAPI(title="afina gateway", version=VERSION, lifespan=lifespan,
+                  description="OpenAI-compatible fine-tuning and inference API")
+    app.state.runtime = runtime
+    app.state.backend = backend
+    app.state.model_files = ModelFileCache(runtime)
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    for router in (files_router, fine_tuning_router, models_router, chat_router):
+        app.include_router(router)
+
+    @app.get("/health", tags=["ops"])
+    def health() -> dict[str, str]:
+        """Liveness only: answers while the process serves HTTP (no key needed)."""
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    def metrics() -> Response:
+        body, content_type = render_latest()
+        return Response(body, media_type=content_type)
+
+    return app

@@ -1,0 +1,57 @@
+"""Request dependencies as ``Annotated`` aliases, so a route signature reads like a sentence."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from afina.core.db import repository as repo
+from afina.core.errors import AuthenticationFailed
+from afina.core.runtime import Runtime
+from afina.core.settings import Settings
+from afina.gateway.inference import InferenceBackend
+from afina.gateway.inference.files import ModelFileCache
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.runtime.settings
+
+
+def get_backend(request: Request) -> InferenceBackend:
+    return request.app.state.backend
+
+
+def get_model_files(request: Request) -> ModelFileCache:
+    return request.app.state.model_files
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key from ``Authorization: Bearer <key>``; anything else counts as no key."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("malformed Authorization header: send 'Authorization: Bearer <key>'")
+    return token.strip()
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BackendDep = Annotated[InferenceBackend, Depends(get_backend)]
+ModelFilesDep = Annotated[ModelFileCache, Depends(get_model_files)]
+
+
+def current_tenant(runtime: RuntimeDep,
+                   authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
+    """The tenant owning the request's API key (a sync dependency: FastAPI runs it in a worker thread)."""
+    api_key = bearer_token(authorization)
+    with runtime.db.session() as session:
+        return repo.authenticate(session, api_key)
+
+
+TenantDep = Annotated[str, Depends(current_tenant)]

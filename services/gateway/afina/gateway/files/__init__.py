@@ -1,0 +1,1 @@
+"""``/v1/files``: training files, streamed in, checked as JSONL, stored per tenant."""

@@ -1,0 +1,1 @@
+"""``/v1/fine_tuning/jobs``: create, list, retrieve, cancel; events and checkpoints."""

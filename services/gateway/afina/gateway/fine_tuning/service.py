@@ -1,0 +1,170 @@
+"""Fine-tuning job logic, callable without HTTP.
+
+Creating a job writes its row and first events in one transaction, then sends the
+``ingest`` message; the message goes out only after the commit, so a worker never
+sees a job id the database does not know. If the broker refuses it, the job is
+failed at once rather than left waiting for a message that never comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from afina.core import ids
+from afina.core.catalog import resolve_base_model
+from afina.core.db import repository as repo
+from afina.core.db.models import Checkpoint, Job, JobEvent
+from afina.core.errors import InvalidRequest, NotFound, QueueUnavailable
+from afina.core.logging import log_event
+from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
+from afina.core.queue.app import enqueue_stage
+from afina.core.runtime import Runtime
+from afina.gateway.fine_tuning.protocol import (
+    HYPERPARAMETER_NAMES,
+    CreateJobRequest,
+    FineTuningJob,
+    JobCheckpoint,
+    JobError,
+    Page,
+)
+from afina.gateway.fine_tuning.protocol import JobEvent as JobEventObject
+
+log = logging.getLogger("afina.gateway")
+SUPPORTED_METHODS = ("supervised",)
+
+
+def merge_hyperparameters(request: CreateJobRequest) -> dict[str, Any]:
+    """The deprecated top-level ``hyperparameters`` overlaid by ``method.supervised.hyperparameters``;
+    every name is present, ``"auto"`` where nobody chose."""
+    if request.method is not None and request.method.type not in SUPPORTED_METHODS:
+        raise InvalidRequest(f"Invalid 'method.type': {request.method.type!r}; afina supports "
+                             f"{list(SUPPORTED_METHODS)} fine-tuning.", param="method.type")
+    merged: dict[str, Any] = {name: "auto" for name in HYPERPARAMETER_NAMES}
+    if request.hyperparameters is not None:
+        merged.update(request.hyperparameters.model_dump(exclude_none=True))
+    supervised = request.method.supervised if request.method is not None else None
+    if supervised is not None and supervised.hyperparameters is not None:
+        merged.update(supervised.hyperparameters.model_dump(exclude_none=True))
+    return merged
+
+
+def _check_file(session: Any, tenant_id: str, file_id: str, param: str) -> None:
+    """OpenAI answers 400 naming the parameter for a file that is missing (or another tenant's)."""
+    try:
+        row = repo.get_file(session, tenant_id, file_id)
+    except NotFound:
+        raise InvalidRequest(f"invalid {param}: {file_id} does not exist", param=param,
+                             code="invalid_file") from None
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"invalid {param}: {file_id} has purpose {row.purpose!r}, not 'fine-tune'",
+                             param=param, code="invalid_file")
+
+
+def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> FineTuningJob:
+    spec = resolve_base_model(request.model)
+    hyperparameters = merge_hyperparameters(request)
+    with runtime.db.session() as session:
+        _check_file(session, tenant_id, request.training_file, "training_file")
+        if request.validation_file:
+            _check_file(session, tenant_id, request.validation_file, "validation_file")
+        job = Job(id=ids.job_id(), tenant_id=tenant_id, model=spec.id, training_file=request.training_file,
+                  validation_file=request.validation_file, suffix=request.suffix,
+                  seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+                  hyperparameters=hyperparameters,
+                  method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+                  user_metadata=request.metadata, status="validating_files", stage="ingest")
+        session.add(job)
+        session.flush()
+        repo.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+        repo.add_event(session, job.id, f"Validating training file: {request.training_file}")
+    try:
+        enqueue_stage(runtime.celery, "ingest", job.id)
+    except Exception as exc:
+        log_event(log, "job.enqueue_failed", logging.ERROR, job_id=job.id, error=type(exc).__name__)
+        with runtime.db.session() as session:
+            failed = repo.get_job(session, None, job.id, for_update=True)
+            repo.set_status(session, failed, "failed", error={"code": QueueUnavailable.code, "param": None,
+                                                               "message": "the job queue is unavailable"})
+        raise QueueUnavailable("the job queue is unavailable; try again shortly") from None
+    log_event(log, "job.created", job_id=job.id, tenant=tenant_id, model=spec.id)
+    return job_object(job)
+
+
+def display_hyperparameters(job: Job) -> dict[str, Any]:
+    """What the user asked for, with the trainer's resolved values (``hyperparameters["resolved"]``) over
+    any ``"auto"``."""
+    stored = job.hyperparameters or {}
+    resolved = stored.get("resolved") if isinstance(stored.get("resolved"), dict) else {}
+    return {name: resolved.get(name, stored.get(name, "auto")) for name in HYPERPARAMETER_NAMES}
+
+
+def job_object(job: Job) -> FineTuningJob:
+    hyperparameters = display_hyperparameters(job)
+    method = dict(job.method or {"type": "supervised"})
+    method[method["type"]] = {**(method.get(method["type"]) or {}), "hyperparameters": hyperparameters}
+    error = None
+    if job.error:
+        error = JobError(code=str(job.error.get("code") or "error"), message=str(job.error.get("message") or ""),
+                         param=job.error.get("param"))
+    return FineTuningJob(
+        id=job.id, created_at=job.created_at, finished_at=job.finished_at, model=job.model,
+        fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id, status=job.status, error=error,
+        hyperparameters=hyperparameters, training_file=job.training_file, validation_file=job.validation_file,
+        result_files=list(job.result_files or []), trained_tokens=job.trained_tokens, seed=job.seed,
+        estimated_finish=job.estimated_finish, metadata=job.user_metadata, method=method,
+        user_provided_suffix=job.suffix,
+    )
+
+
+def get_job(runtime: Runtime, tenant_id: str, job_id: str) -> FineTuningJob:
+    with runtime.db.session() as session:
+        return job_object(repo.get_job(session, tenant_id, job_id))
+
+
+def list_jobs(runtime: Runtime, tenant_id: str, after: str | None, limit: int) -> Page[FineTuningJob]:
+    with runtime.db.session() as session:
+        rows, has_more = repo.list_jobs(session, tenant_id, after, limit)
+        return _page([job_object(row) for row in rows], has_more)
+
+
+def cancel_job(runtime: Runtime, tenant_id: str, job_id: str) -> FineTuningJob:
+    """Cancelled at once when no worker holds the job; otherwise the worker stops at its next step."""
+    with runtime.db.session() as session:
+        job = repo.request_cancel(session, tenant_id, job_id)
+    return job_object(job)
+
+
+def event_object(event: JobEvent) -> JobEventObject:
+    return JobEventObject(id=event.id, created_at=event.created_at, level=event.level, message=event.message,
+                          type=event.type, data=event.data)
+
+
+def list_events(runtime: Runtime, tenant_id: str, job_id: str, after: str | None,
+                limit: int) -> Page[JobEventObject]:
+    with runtime.db.session() as session:
+        repo.get_job(session, tenant_id, job_id)
+        rows, has_more = repo.list_events(session, job_id, after, limit)
+        return _page([event_object(row) for row in rows], has_more)
+
+
+def checkpoint_object(job: Job, checkpoint: Checkpoint) -> JobCheckpoint:
+    model_name = job.fine_tuned_model or fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
+    return JobCheckpoint(id=checkpoint.id, created_at=checkpoint.created_at,
+                         fine_tuned_model_checkpoint=checkpoint_model_name(model_name, checkpoint.step_number),
+                         fine_tuning_job_id=job.id, step_number=checkpoint.step_number,
+                         metrics={"step": checkpoint.step_number, **(checkpoint.metrics or {})})
+
+
+def list_checkpoints(runtime: Runtime, tenant_id: str, job_id: str, after: str | None,
+                     limit: int) -> Page[JobCheckpoint]:
+    with runtime.db.session() as session:
+        job = repo.get_job(session, tenant_id, job_id)
+        rows, has_more = repo.list_checkpoints(session, job_id, after, limit)
+        return _page([checkpoint_object(job, row) for row in rows], has_more)
+
+
+def _page(items: list[Any], has_more: bool) -> Page[Any]:
+    return Page(data=items, has_more=has_more, first_id=items[0].id if items else None,
+                last_id=items[-1].id if items else None)

@@ -1,0 +1,68 @@
+"""A LoRA adapter made without training, for testing the stages after the trainer.
+
+The adapter is what the trainer writes (``adapter_model.safetensors``,
+``adapter_config.json``, the tokenizer with the stock chat template), with its
+LoRA B matrices set to small random values so a merge really changes the
+targeted weights (a fresh LoRA has B = 0 and merges to the base itself).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from pathlib import Path
+
+from afina.core.catalog import CATALOG, BaseModelSpec
+from afina.core.datasets.layout import adapter_prefix
+from afina.core.runtime import Runtime
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "v_proj")
+B_SCALE = 0.02
+DONE = "afina-adapter-complete"
+
+
+def base_spec() -> BaseModelSpec:
+    return CATALOG[DEFAULT_BASE]
+
+
+def make_perturbed_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, scale: float = B_SCALE) -> Path:
+    """Save a LoRA adapter (r=8 on q_proj/v_proj, B ~ N(0, scale)) for ``base_dir`` to ``out_dir``, once."""
+    if (out_dir / DONE).exists():
+        return out_dir
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out_dir / DONE).exists():
+            return out_dir
+        shutil.rmtree(out_dir, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                            task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        peft_model.save_pretrained(str(out_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        tokenizer.chat_template = base_spec().family.stock_template
+        tokenizer.save_pretrained(str(out_dir))
+        (out_dir / DONE).write_text("ok")
+    return out_dir
+
+
+def store_adapter(runtime: Runtime, job_id: str, adapter_dir: Path) -> str:
+    """Upload an adapter where the trainer commits it for ``job_id``; returns the prefix."""
+    prefix = adapter_prefix(job_id)
+    for path in sorted(adapter_dir.iterdir()):
+        if path.is_file() and path.name != DONE:
+            runtime.store.put_file(f"{prefix}/{path.name}", path)
+    return prefix

@@ -1,0 +1,101 @@
+"""Job request validation and the job object, without HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from afina.core.db.models import Job
+from afina.core.errors import InvalidRequest
+from afina.gateway.fine_tuning.protocol import CreateJobRequest, Hyperparameters
+from afina.gateway.fine_tuning.service import display_hyperparameters, job_object, merge_hyperparameters
+
+
+def request(**changes: Any) -> CreateJobRequest:
+    return CreateJobRequest(**{"model": "smollm2-135m-instruct", "training_file": "file-1", **changes})
+
+
+@pytest.mark.parametrize("values", [{"n_epochs": "auto"}, {"n_epochs": 3}, {"n_epochs": 3.0}, {"batch_size": 256},
+                                    {"learning_rate_multiplier": 0.1}, {"learning_rate_multiplier": 2}])
+def test_hyperparameters_accept_auto_or_positive_numbers(values: dict[str, Any]) -> None:
+    Hyperparameters(**values)
+
+
+@pytest.mark.parametrize("values", [{"n_epochs": 0}, {"n_epochs": 2.5}, {"n_epochs": True}, {"n_epochs": "3"},
+                                    {"n_epochs": 51}, {"batch_size": -1}, {"learning_rate_multiplier": 0},
+                                    {"learning_rate_multiplier": "fast"}, {"epochs": 3}])
+def test_hyperparameters_refuse_everything_else(values: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        Hyperparameters(**values)
+
+
+def test_integer_valued_floats_become_ints() -> None:
+    assert Hyperparameters(n_epochs=3.0).n_epochs == 3 and isinstance(Hyperparameters(n_epochs=3.0).n_epochs, int)
+
+
+@pytest.mark.parametrize("suffix", ["a", "support-bot_2", "x" * 64])
+def test_valid_suffixes(suffix: str) -> None:
+    assert request(suffix=suffix).suffix == suffix
+
+
+@pytest.mark.parametrize("suffix", ["", "x" * 65, "has space", "a:b", "é"])
+def test_invalid_suffixes(suffix: str) -> None:
+    with pytest.raises(ValidationError):
+        request(suffix=suffix)
+
+
+def test_metadata_limits() -> None:
+    request(metadata={f"k{i}": "v" * 512 for i in range(16)})
+    for metadata in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1}):
+        with pytest.raises(ValidationError):
+            request(metadata=metadata)
+
+
+def test_merge_fills_auto_and_method_wins() -> None:
+    assert merge_hyperparameters(request()) == {"n_epochs": "auto", "batch_size": "auto",
+                                                "learning_rate_multiplier": "auto"}
+    merged = merge_hyperparameters(request(hyperparameters={"n_epochs": 4, "batch_size": 8},
+                                           method={"type": "supervised",
+                                                   "supervised": {"hyperparameters": {"n_epochs": 2}}}))
+    assert merged == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": "auto"}
+
+
+@pytest.mark.parametrize("method_type", ["dpo", "reinforcement", "unsupervised"])
+def test_only_supervised_method(method_type: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        merge_hyperparameters(request(method={"type": method_type}))
+    assert caught.value.param == "method.type"
+
+
+def _job(**changes: Any) -> Job:
+    values: dict[str, Any] = {
+        "id": "ftjob-1", "tenant_id": "acme", "model": "smollm2-135m-instruct", "training_file": "file-1",
+        "validation_file": None, "suffix": None, "seed": 42, "status": "running", "stage": "train",
+        "hyperparameters": {"n_epochs": "auto", "batch_size": 4, "learning_rate_multiplier": "auto"},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}, "user_metadata": None,
+        "error": None, "fine_tuned_model": None, "trained_tokens": None, "result_files": [], "created_at": 100,
+        "finished_at": None, "estimated_finish": None}
+    values.update(changes)
+    return Job(**values)
+
+
+def test_resolved_hyperparameters_replace_auto() -> None:
+    job = _job(hyperparameters={"n_epochs": "auto", "batch_size": 4, "learning_rate_multiplier": "auto",
+                                "resolved": {"n_epochs": 3, "learning_rate_multiplier": 1.8}})
+    assert display_hyperparameters(job) == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.8}
+    shown = job_object(job)
+    assert shown.method["supervised"]["hyperparameters"] == shown.hyperparameters
+
+
+def test_job_object_has_every_openai_field() -> None:
+    shown = job_object(_job(status="failed", error={"code": "invalid_training_file", "message": "line 3: bad",
+                                                    "param": "training_file"})).model_dump()
+    assert set(shown) >= {"id", "object", "created_at", "finished_at", "model", "fine_tuned_model",
+                          "organization_id", "status", "error", "hyperparameters", "training_file",
+                          "validation_file", "result_files", "trained_tokens", "seed", "estimated_finish",
+                          "metadata", "method", "integrations"}
+    assert shown["object"] == "fine_tuning.job" and shown["organization_id"] == "acme"
+    assert shown["error"] == {"code": "invalid_training_file", "message": "line 3: bad", "param": "training_file"}
+    assert shown["integrations"] == []
