@@ -12,9 +12,12 @@ import fcntl
 import shutil
 from pathlib import Path
 
+import pytest
+
 from afina.core.catalog import CATALOG, BaseModelSpec
 from afina.core.datasets.layout import adapter_prefix
 from afina.core.runtime import Runtime
+from tests.support.models import materialized_base_model, shared_model_cache
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 LORA_RANK = 8
@@ -66,3 +69,31 @@ def store_adapter(runtime: Runtime, job_id: str, adapter_dir: Path) -> str:
         if path.is_file() and path.name != DONE:
             runtime.store.put_file(f"{prefix}/{path.name}", path)
     return prefix
+
+
+# Session fixtures shared by tests/unit/exporter and tests/integration/exporter (each conftest imports them).
+# The files live in the session's temp root, so whichever directory runs first makes them and the other finds
+# them on disk; the base model is the one tests/support/models.py materializes for the trainer's tests too,
+# so the ~30 s conversion happens once per session.
+
+
+def exporter_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "exporter-shared"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exporter_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache dir to pass as ``Settings(model_cache_dir=...)``: the base is materialized once."""
+    return shared_model_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory, exporter_model_cache: Path) -> Path:
+    return materialized_base_model(tmp_path_factory, DEFAULT_BASE)
+
+
+@pytest.fixture(scope="session")
+def lora_adapter_dir(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Path:
+    return make_perturbed_adapter(base_model_dir, exporter_shared_dir(tmp_path_factory) / "adapter")

@@ -34,8 +34,12 @@ SMOLLM2_TRAINING_TEMPLATE = (
 )
 
 CHATML_OLLAMA_TEMPLATE = (
-    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+    "{{- else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "{{ end }}"
+    # .System already holds the system message; the range renders the turns after it
+    "{{- range .Messages }}{{- if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+    "{{ end }}{{- end }}"
     "<|im_start|>assistant\n"
 )
 

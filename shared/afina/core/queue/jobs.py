@@ -123,10 +123,11 @@ def run_stage(runtime: Runtime, job_id: str, stage: str, work: Callable[[JobCont
         if job.cancel_requested:
             repo.set_status(session, job, "cancelled", message="Job cancelled")
             return "cancelled"
+        # read before acquiring: the lease UPDATE bumps ``attempts`` on the session's copy of the row too
+        resumed = job.attempts > 0
         if not repo.acquire_lease(session, job_id, owner, settings.lease_s):
             log_event(log, "stage.duplicate_dropped", job_id=job_id, stage=stage)
             return "duplicate"
-        resumed = job.attempts > 0
         tenant_id = job.tenant_id
     context = JobContext(runtime=runtime, job_id=job_id, tenant_id=tenant_id, stage=stage, owner=owner)
     if resumed:
@@ -143,6 +144,7 @@ def run_stage(runtime: Runtime, job_id: str, stage: str, work: Callable[[JobCont
             job = repo.get_job(session, None, job_id, for_update=True)
             if next_stage is not None and job.status not in repo.TERMINAL_STATUSES:
                 job.stage = next_stage
+                job.attempts = 0  # attempts count per stage: the next stage starts fresh
             repo.release_lease(session, job_id, owner)
         if next_stage is not None:
             enqueue_stage(runtime.celery, next_stage, job_id)

@@ -1,0 +1,51 @@
+"""Make the exported model visible: one registry row and a succeeded job, in one transaction.
+
+The row and the job status change together or not at all, so a crash between
+them can never leave a succeeded job without a model or a model whose job still
+runs. ``register_model`` updates the row of a job registered before, so running
+the stage twice still gives exactly one model per job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from afina.core.db import repository as repo
+from afina.core.db.models import Model
+from afina.core.naming import fine_tuned_model_name
+from afina.core.runtime import Runtime
+
+
+def model_name_for(runtime: Runtime, job_id: str) -> str:
+    """The public name the job's model gets: ``ft:<base>:<tenant>:<suffix>:<job-id>``."""
+    with runtime.db.session() as session:
+        job = repo.get_job(session, None, job_id)
+        return fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
+
+
+def register_export(runtime: Runtime, job_id: str, artifacts: dict[str, Any], message: str) -> str:
+    """Register the job's model, set ``fine_tuned_model`` and mark the job succeeded; returns the model name."""
+    with runtime.db.session() as session:
+        job = repo.get_job(session, None, job_id, for_update=True)
+        name = fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
+        repo.register_model(session, name=name, tenant_id=job.tenant_id, base_model=job.model, job_id=job.id,
+                            artifacts=artifacts)
+        job.fine_tuned_model = name
+        if job.status != "succeeded":
+            repo.set_status(session, job, "succeeded", message=message)
+    return name
+
+
+def finish_registered(runtime: Runtime, job_id: str) -> str | None:
+    """When the job's model is already registered, make sure the job says so; the model's name, or None."""
+    with runtime.db.session() as session:
+        if repo.count_models_for_job(session, job_id) == 0:
+            return None
+        job = repo.get_job(session, None, job_id, for_update=True)
+        name = session.scalars(select(Model.name).where(Model.job_id == job_id)).one()
+        job.fine_tuned_model = name
+        if job.status not in repo.TERMINAL_STATUSES:
+            repo.set_status(session, job, "succeeded", message=f"Model {name} is already registered")
+    return name
