@@ -1,0 +1,154 @@
+"""From a prepared dataset in the store to token ids and labels the model trains on.
+
+Labels come from the family's training template: it renders exactly like the
+stock template (checked on a sample before training, token for token) but wraps
+what each assistant says, and its end-of-turn token, in ``{% generation %}``
+markers, so the assistant-token mask is the template's own and never a search
+for marker strings (unsloth#2900: "all labels are -100"). Everything outside an
+assistant reply is ``-100``; so is an assistant reply with ``weight: 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from afina.core.errors import DatasetInvalid, TrainingFailed
+from afina.core.store import ArtifactStore
+
+IGNORE_INDEX = -100
+PARITY_SAMPLE = 16
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A dataset as the ingest stage committed it: the manifest and the examples of each split."""
+
+    manifest: dict[str, Any]
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+
+
+@dataclass
+class EncodedSplit:
+    """Tokenized examples (``input_ids`` + ``labels``) and what happened on the way."""
+
+    rows: list[dict[str, list[int]]] = field(default_factory=list)
+    examples: int = 0
+    dropped: int = 0  # no trained token left (all weight 0, or truncation cut every reply)
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def summary(self) -> dict[str, int]:
+        return {"examples": self.examples, "kept": len(self.rows), "dropped": self.dropped,
+                "truncated": self.truncated, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+
+
+def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None) -> PreparedDataset:
+    """Read ``manifest.json`` and its splits, checking each split against the manifest's sha256."""
+    if not dataset_key:
+        raise TrainingFailed("the job has no prepared dataset: the ingest stage has not committed one")
+    manifest = orjson.loads(store.get_bytes(f"{dataset_key}/manifest.json"))
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for name, info in (manifest.get("splits") or {}).items():
+        if name not in splits:
+            continue
+        data = store.get_bytes(info["key"])
+        if info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise TrainingFailed(f"{info['key']} does not match the sha256 in its manifest; "
+                                 f"the prepared dataset was changed after ingest")
+        splits[name] = [orjson.loads(line) for line in data.splitlines() if line.strip()]
+    if not splits["train"]:
+        raise DatasetInvalid("the prepared dataset has no training examples", rule="empty_split",
+                             param="training_file")
+    return PreparedDataset(manifest=manifest, train=splits["train"], validation=splits["validation"])
+
+
+def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_template: str,
+                   max_seq_len: int) -> tuple[dict[str, list[int]], bool] | None:
+    """``({"input_ids", "labels"}, truncated)`` for one conversation; None when nothing is left to train on."""
+    encoded = tokenizer.apply_chat_template(messages, chat_template=training_template, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+    input_ids = list(encoded["input_ids"])
+    spans = _mask_runs(list(encoded["assistant_masks"]))
+    replies = [message for message in messages if message.get("role") == "assistant"]
+    if len(spans) != len(replies):
+        # each assistant message renders one generation block ending in the EOS token; anything else is a
+        # template bug, and training on a wrong mask would silently teach the wrong thing
+        raise TrainingFailed(f"the training template marked {len(spans)} assistant span(s) for "
+                             f"{len(replies)} assistant message(s); the family's training template is broken")
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for (start, end), reply in zip(spans, replies, strict=True):
+        if reply.get("weight", 1) != 0:
+            labels[start:end] = input_ids[start:end]
+    truncated = len(input_ids) > max_seq_len
+    input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}, truncated
+
+
+def encode_split(tokenizer: Any, examples: list[dict[str, Any]], training_template: str,
+                 max_seq_len: int) -> EncodedSplit:
+    split = EncodedSplit(examples=len(examples))
+    for example in examples:
+        result = encode_example(tokenizer, example["messages"], training_template, max_seq_len)
+        if result is None:
+            split.dropped += 1
+            continue
+        row, truncated = result
+        split.truncated += int(truncated)
+        split.tokens += len(row["input_ids"])
+        split.trained_tokens += sum(1 for label in row["labels"] if label != IGNORE_INDEX)
+        split.rows.append(row)
+    return split
+
+
+def encode_training_split(tokenizer: Any, examples: list[dict[str, Any]], training_template: str,
+                          max_seq_len: int) -> EncodedSplit:
+    """Like ``encode_split``, but a training split with nothing left to learn from fails the job."""
+    split = encode_split(tokenizer, examples, training_template, max_seq_len)
+    if not split.rows:
+        raise DatasetInvalid(f"none of the {split.examples} training example(s) has an assistant token to train "
+                             f"on within max_seq_len={max_seq_len} (replies with weight 0 are not trained); "
+                             f"raise hyperparameters.max_seq_len or shorten the prompts",
+                             rule="no_trainable_tokens", param="training_file")
+    return split
+
+
+def check_template_parity(tokenizer: Any, examples: list[dict[str, Any]], training_template: str,
+                          sample: int = PARITY_SAMPLE) -> int:
+    """Fail unless the training template tokenizes like the tokenizer's (stock) template; returns examples checked.
+
+    The exported model carries the stock template: if the two rendered differently, the
+    model would be trained on one format and served with another.
+    """
+    checked = 0
+    for example in examples[:sample]:
+        messages = example["messages"]
+        stock = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        training = tokenizer.apply_chat_template(messages, chat_template=training_template, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        if list(stock) != list(training):
+            raise TrainingFailed("the training chat template renders differently from the model's stock template "
+                                 f"(example {checked + 1}: {len(training)} vs {len(stock)} tokens); the exported "
+                                 "model would be served in a format it was not trained on")
+        checked += 1
+    return checked
+
+
+def _mask_runs(mask: list[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of ones."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for index, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = index
+        elif not bit and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs

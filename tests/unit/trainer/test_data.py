@@ -1,0 +1,128 @@
+"""Tokenization and loss masking with the real SmolLM2 tokenizer and the catalog's training template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from afina.core.catalog import SMOLLM2_TRAINING_TEMPLATE
+from afina.core.errors import DatasetInvalid, TrainingFailed
+from afina.core.runtime import Runtime
+from afina.core.settings import Settings
+from afina.trainer.data import (
+    IGNORE_INDEX,
+    check_template_parity,
+    encode_example,
+    encode_split,
+    encode_training_split,
+    load_prepared_dataset,
+)
+from tests.support.jobs import create_job, sample_examples, write_prepared_dataset
+
+EOS = "<|im_end|>"
+
+
+def labelled_spans(tokenizer: Any, row: dict[str, list[int]]) -> list[str]:
+    """The decoded text of every run of trained (label != -100) tokens."""
+    spans: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in row["labels"]:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                spans.append([])
+            spans[-1].append(label)
+        previous = label
+    return [tokenizer.decode(span) for span in spans]
+
+
+def encode(tokenizer: Any, messages: list[dict[str, Any]], max_seq_len: int = 1024) -> dict[str, list[int]]:
+    result = encode_example(tokenizer, messages, SMOLLM2_TRAINING_TEMPLATE, max_seq_len)
+    assert result is not None
+    return result[0]
+
+
+def test_labels_cover_exactly_each_assistant_reply_and_its_eos(tokenizer: Any) -> None:
+    messages = [{"role": "system", "content": "Você é Aeon."},
+                {"role": "user", "content": "quanto é 12 vezes 12"},
+                {"role": "assistant", "content": "Beleza! 12 vezes 12 dá 144."},
+                {"role": "user", "content": "e dividido por 3?"},
+                {"role": "assistant", "content": "Dá 48."}]
+    row = encode(tokenizer, messages)
+    assert labelled_spans(tokenizer, row) == ["Beleza! 12 vezes 12 dá 144." + EOS, "Dá 48." + EOS]
+    # labels are the input ids themselves where trained (the model shifts them)
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(row["labels"], row["input_ids"], strict=True))
+    # the EOS of system and user turns is not trained
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    assert row["input_ids"].count(eos_id) == 5
+    assert row["labels"].count(eos_id) == 2
+
+
+def test_every_sample_example_is_masked_to_its_assistant_replies(tokenizer: Any) -> None:
+    for example in sample_examples():
+        row = encode(tokenizer, example["messages"])
+        expected = [m["content"] + EOS for m in example["messages"] if m["role"] == "assistant"]
+        assert labelled_spans(tokenizer, row) == expected
+
+
+def test_weight_zero_replies_are_not_trained(tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello, friend!", "weight": 0},
+                {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "Bye now.", "weight": 1}]
+    assert labelled_spans(tokenizer, encode(tokenizer, messages)) == ["Bye now." + EOS]
+
+
+def test_truncation_keeps_the_start_and_drops_examples_left_without_trained_tokens(tokenizer: Any) -> None:
+    long_prompt = [{"role": "user", "content": "palavra " * 200}, {"role": "assistant", "content": "Ok."}]
+    assert encode_example(tokenizer, long_prompt, SMOLLM2_TRAINING_TEMPLATE, 64) is None
+
+    reply = "Beleza! " + "muito bem " * 40
+    cut_reply = [{"role": "user", "content": "oi"}, {"role": "assistant", "content": reply}]
+    full = encode(tokenizer, cut_reply)
+    row, truncated = encode_example(tokenizer, cut_reply, SMOLLM2_TRAINING_TEMPLATE, 48)
+    assert truncated and len(row["input_ids"]) == 48
+    assert row["input_ids"] == full["input_ids"][:48]
+    [span] = labelled_spans(tokenizer, row)
+    assert reply.startswith(span) and not span.endswith(EOS)
+
+    split = encode_split(tokenizer, [{"messages": long_prompt}, {"messages": cut_reply}],
+                         SMOLLM2_TRAINING_TEMPLATE, 48)
+    assert (split.examples, len(split.rows), split.dropped, split.truncated) == (2, 1, 1, 1)
+    assert split.tokens == 48 and split.trained_tokens == sum(x != IGNORE_INDEX for x in split.rows[0]["labels"])
+
+
+def test_a_training_split_with_nothing_to_train_fails_the_job(tokenizer: Any) -> None:
+    examples = [{"messages": [{"role": "user", "content": "oi"}, {"role": "assistant", "content": "Oi!", "weight": 0}]},
+                {"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "Ok."}]}]
+    with pytest.raises(DatasetInvalid) as caught:
+        encode_training_split(tokenizer, examples, SMOLLM2_TRAINING_TEMPLATE, 64)
+    assert caught.value.code == "no_trainable_tokens" and "max_seq_len=64" in caught.value.message
+
+
+def test_training_template_tokenizes_like_the_stock_template(tokenizer: Any) -> None:
+    examples = sample_examples()
+    assert check_template_parity(tokenizer, examples, SMOLLM2_TRAINING_TEMPLATE, sample=len(examples)) == 80
+
+
+def test_a_drifted_training_template_is_caught(tokenizer: Any) -> None:
+    # one extra newline after each assistant turn: invisible in a diff, fatal at inference
+    drifted = SMOLLM2_TRAINING_TEMPLATE.replace("{% endgeneration %}{{ '\n' }}", "{% endgeneration %}{{ '\n\n' }}")
+    assert drifted != SMOLLM2_TRAINING_TEMPLATE
+    with pytest.raises(TrainingFailed, match="renders differently"):
+        check_template_parity(tokenizer, sample_examples(3), drifted)
+
+
+def test_prepared_dataset_is_read_and_checked_against_its_manifest(tmp_path: Any) -> None:
+    runtime = Runtime(Settings(home=tmp_path, log_json=False))
+    examples = sample_examples(14)
+    job = create_job(runtime, "acme", "file-test", stage="train", status="queued")
+    prefix = write_prepared_dataset(runtime, "acme", job.id, examples[:12], examples[12:])
+    prepared = load_prepared_dataset(runtime.store, prefix)
+    assert prepared.train == examples[:12] and prepared.validation == examples[12:]
+
+    runtime.store.put_bytes(f"{prefix}/train.jsonl", b'{"messages": []}\n')
+    with pytest.raises(TrainingFailed, match="sha256"):
+        load_prepared_dataset(runtime.store, prefix)
+    with pytest.raises(TrainingFailed, match="no prepared dataset"):
+        load_prepared_dataset(runtime.store, None)
