@@ -45,7 +45,8 @@ def run(home: Path, keep_running: bool, epochs: int) -> int:
         print("[3/5] creating a fine-tuning job on smollm2-135m-instruct ...", flush=True)
         job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=training_file.id,
                                              suffix="aeon", seed=42,
-                                             hyperparameters={"n_epochs": epochs, "batch_size": 4})
+                                             hyperparameters={"n_epochs": epochs, "batch_size": 4,
+                                                              "learning_rate_multiplier": 2})
         print(f"      {job.id} ({job.status})", flush=True)
         job = watch_job(client, job.id)
         if job.status != "succeeded":
@@ -77,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("AFINA_DEMO_HOME", ".afina/demo")))
     parser.add_argument("--keep-running", action="store_true")
-    parser.add_argument("--epochs", type=int, default=int(os.environ.get("AFINA_DEMO_EPOCHS", "3")))
+    parser.add_argument("--epochs", type=int, default=int(os.environ.get("AFINA_DEMO_EPOCHS", "2")))
     args = parser.parse_args()
     os.environ.setdefault("AFINA_MODEL_CACHE_DIR", str(Path.home() / ".cache" / "afina" / "models"))
     return run(args.home.resolve(), args.keep_running, args.epochs)
