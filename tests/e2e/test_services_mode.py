@@ -88,7 +88,7 @@ def test_sigkilled_trainer_resumes_from_checkpoint_and_registers_one_model(servi
 
     job = wait_for(lambda: finished(client, job.id), 900, "the resumed job to finish", services_stack)
     assert job.status == "succeeded", job.error
-    events = list(reversed(client.fine_tuning.jobs.list_events(job.id, limit=500).data))  # oldest first
+    events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100))))  # all pages, oldest first
     resumed = [i for i, e in enumerate(events) if "Resuming from checkpoint" in e.message]
     assert len(resumed) == 1, [e.message for e in events]
     assert f"step {killed_at}" in events[resumed[0]].message
