@@ -71,7 +71,7 @@ def run_afina(home: Path, epochs: int, batch_size: int) -> dict:
             time.sleep(0.25)
         if current.status != "succeeded":
             raise SystemExit(f"afina job {current.status}: {current.error}")
-        events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))  # every page
         steps = max((e.data.get("step", 0) for e in events if e.type == "metrics"), default=0)
         t_chat = time.monotonic()
         client.chat.completions.create(model=current.fine_tuned_model, max_tokens=32, temperature=0,
