@@ -61,6 +61,10 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
 
+    step_metrics = client.files.content(job.result_files[0]).text.splitlines()
+    assert step_metrics[0].startswith("step,train_loss") and len(step_metrics) > 1
+    assert "# Training report" in client.files.content(job.result_files[1]).text
+
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=24, temperature=0,
                                            messages=[{"role": "user", "content": "oi aeon, tudo bem?"}])

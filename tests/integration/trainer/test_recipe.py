@@ -100,6 +100,14 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
                runtime.store.get_bytes(f"{job_prefix(job_id)}/report/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if r["type"] == "validation"] == [6]
+    # the result files, as the OpenAI API lists them: step metrics CSV and the report
+    with runtime.db.session() as session:
+        results = [repo.get_file(session, job.tenant_id, file_id) for file_id in job.result_files]
+    assert [f.filename for f in results] == ["step_metrics.csv", "report.md"]
+    assert all(f.purpose == "fine-tune-results" for f in results)
+    csv_lines = runtime.store.get_bytes(results[0].object_key).decode().splitlines()
+    assert csv_lines[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert len(csv_lines) == 7 and csv_lines[-1].split(",")[3]  # step 6 carries the validation loss
 
     # every non-padding token of the one epoch, counted once
     assert job.trained_tokens == epoch_tokens(model_cache)

@@ -28,6 +28,7 @@ import orjson
 
 from afina.core.catalog import BaseModelSpec, resolve_base_model
 from afina.core.datasets.layout import adapter_prefix, job_prefix
+from afina.core.db import repository as repo
 from afina.core.db.models import Job
 from afina.core.errors import TrainingFailed
 from afina.core.logging import log_event
@@ -48,7 +49,7 @@ from afina.trainer.data import (
     encode_training_split,
     load_prepared_dataset,
 )
-from afina.trainer.report import metric_records, metrics_jsonl, render_report
+from afina.trainer.report import metric_records, metrics_jsonl, render_report, step_metrics_csv
 
 log = logging.getLogger("afina.trainer")
 
@@ -309,8 +310,15 @@ class LoRAFinetuneRecipe:
             records=records, global_step=state.global_step, trained_tokens=int(state.num_input_tokens_seen),
             wall_seconds=time.monotonic() - self.started, resumed_from=self.resumed_from)
         prefix = f"{job_prefix(self.context.job_id)}/report"
-        self.runtime.store.put_bytes(f"{prefix}/metrics.jsonl", metrics_jsonl(records))
-        self.runtime.store.put_bytes(f"{prefix}/report.md", report.encode())
+        store = self.runtime.store
+        store.put_bytes(f"{prefix}/metrics.jsonl", metrics_jsonl(records))
+        published = [("step_metrics.csv", store.put_bytes(f"{prefix}/step_metrics.csv", step_metrics_csv(records))),
+                     ("report.md", store.put_bytes(f"{prefix}/report.md", report.encode()))]
+        # result_files, as OpenAI's API has them: downloadable with GET /v1/files/{id}/content
+        with self.runtime.db.session() as session:
+            file_ids = [repo.add_result_file(session, self.context.tenant_id, object_key=info.key, filename=name,
+                                             size=info.size, sha256=info.sha256).id for name, info in published]
+        self.context.update(result_files=file_ids)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)

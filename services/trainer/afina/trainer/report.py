@@ -28,6 +28,23 @@ def metric_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+STEP_METRICS_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def step_metrics_csv(records: list[dict[str, Any]]) -> bytes:
+    """OpenAI's result file: one row per logged step, validation figures on the steps that were evaluated."""
+    evaluations = {r["step"]: r for r in records if r["type"] == "validation"}
+    lines = [",".join(STEP_METRICS_COLUMNS)]
+    for record in records:
+        if record["type"] != "train":
+            continue
+        evaluation = evaluations.get(record["step"], {})
+        values = (record["step"], record.get("train_loss"), record.get("train_mean_token_accuracy"),
+                  evaluation.get("full_valid_loss"), evaluation.get("full_valid_mean_token_accuracy"))
+        lines.append(",".join("" if value is None else str(value) for value in values))
+    return ("\n".join(lines) + "\n").encode()
+
+
 def metrics_jsonl(records: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(record) + b"\n" for record in records)
 

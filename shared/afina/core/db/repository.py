@@ -63,6 +63,22 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> File:
     return row
 
 
+def add_result_file(session: Session, tenant_id: str, *, object_key: str, filename: str, size: int,
+                    sha256: str) -> File:
+    """Expose an object a worker wrote (metrics, report) as a file of purpose ``fine-tune-results``.
+
+    Registering the same object again returns the existing file, so a re-run stage adds no duplicate.
+    """
+    existing = session.scalars(select(File).where(File.tenant_id == tenant_id, File.object_key == object_key)).first()
+    if existing is not None:
+        existing.bytes, existing.sha256 = size, sha256
+        return existing
+    row = File(id=ids.file_id(), tenant_id=tenant_id, filename=filename, purpose="fine-tune-results", bytes=size,
+               sha256=sha256, object_key=object_key)
+    session.add(row)
+    return row
+
+
 def list_files(session: Session, tenant_id: str, purpose: str | None = None) -> list[File]:
     query = select(File).where(File.tenant_id == tenant_id).order_by(File.created_at.desc(), File.id)
     if purpose:
