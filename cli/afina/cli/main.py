@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,6 @@ def _keys_create(args: argparse.Namespace) -> int:
 
     state = load_state(args.home)
     overrides = {k: v for k, v in (state.env if state else {}).items() if k.startswith("AFINA_")}
-    import os
-
     os.environ.update(overrides)
     os.environ.setdefault("AFINA_HOME", str(args.home))
     runtime = Runtime(Settings())
