@@ -33,4 +33,6 @@ class Runtime:
     def celery(self) -> Celery:
         from afina.core.queue.app import create_celery_app
 
-        return create_celery_app(self.settings, include=self.include_tasks)
+        app = create_celery_app(self.settings, include=self.include_tasks)
+        app.afina_runtime = self  # task bodies reach this runtime through their app
+        return app

@@ -72,7 +72,13 @@ def test_large_object_streams_in_parts(store: ArtifactStore, tmp_path: Path) -> 
     store.put_file("jobs/j/big.bin", path)
     out = store.download_file("jobs/j/big.bin", tmp_path / "out" / "big.bin")
     assert sha256_file(out) == sha256_file(path)
-    assert not (tmp_path / "out" / "big.bin.partial").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["big.bin"]  # no temp file left behind
+
+
+def test_failed_download_leaves_nothing(store: ArtifactStore, tmp_path: Path) -> None:
+    with pytest.raises(ObjectMissing):
+        store.download_file("nope/missing.gguf", tmp_path / "dl" / "model.gguf")
+    assert list((tmp_path / "dl").iterdir()) == []
 
 
 def test_missing_object_raises_object_missing(store: ArtifactStore) -> None:

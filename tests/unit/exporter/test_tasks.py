@@ -14,7 +14,6 @@ from tests.support.jobs import create_job
 def test_task_is_registered_and_runs_the_export_stage(tmp_path: Path) -> None:
     runtime = Runtime(Settings(home=tmp_path, log_json=False), include_tasks=[SERVICE_TASK_MODULES["exporter"]])
     app = runtime.celery
-    app.afina_runtime = runtime
     app.loader.import_default_modules()
     assert TASK_EXPORT in app.tasks
     job = create_job(runtime, "acme", "file-test", stage="export", status="running")

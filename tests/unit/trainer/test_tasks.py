@@ -27,7 +27,6 @@ def test_importing_the_trainer_loads_no_torch() -> None:
 def test_task_is_registered_and_runs_the_train_stage(tmp_path: Path) -> None:
     runtime = Runtime(Settings(home=tmp_path, log_json=False), include_tasks=[SERVICE_TASK_MODULES["trainer"]])
     app = runtime.celery
-    app.afina_runtime = runtime
     app.loader.import_default_modules()
     assert TASK_TRAIN in app.tasks
     job = create_job(runtime, "acme", "file-test", stage="train", status="queued")

@@ -31,7 +31,6 @@ settings = get_settings()
 configure_logging(settings.log_level, settings.log_json)
 runtime = Runtime(settings, include_tasks=[SERVICE_TASK_MODULES[name] for name in _services()])
 app = runtime.celery
-app.afina_runtime = runtime  # task bodies reach the runtime through their app
 
 
 @worker_ready.connect

@@ -106,13 +106,22 @@ class ArtifactStore(ABC):
         return b"".join(self.iter_chunks(key))
 
     def download_file(self, key: str, path: Path) -> Path:
-        """Copy an object to ``path`` atomically (a partial download never appears there)."""
+        """Copy an object to ``path`` atomically: a partial download never appears there, and
+        several threads or processes downloading to the same path at once each write their own
+        temp file, the last rename winning with identical bytes."""
+        import os
+        import tempfile
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as handle:
-            for chunk in self.iter_chunks(key):
-                handle.write(chunk)
-        partial.replace(path)
+        fd, partial_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in self.iter_chunks(key):
+                    handle.write(chunk)
+            os.replace(partial_name, path)
+        except BaseException:
+            Path(partial_name).unlink(missing_ok=True)
+            raise
         return path
 
     def exists(self, key: str) -> bool:

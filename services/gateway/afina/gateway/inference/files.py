@@ -1,15 +1,14 @@
 """GGUF files from the object store, downloaded once into the local model cache.
 
 A file is named by a hash of its store key, and appears under that name only when
-complete (download to a unique temp name, then rename), so concurrent requests and
-several gateway processes sharing the cache never see half a model.
+complete (the store's atomic download), so concurrent requests and several gateway
+processes sharing the cache never see half a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-import uuid
 from pathlib import Path
 
 from afina.core.runtime import Runtime
@@ -38,11 +37,5 @@ class ModelFileCache:
         with lock:
             if path.is_file():
                 return path
-            temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.download")
-            try:
-                self.runtime.store.download_file(key, temp)
-                temp.replace(path)
-            finally:
-                temp.unlink(missing_ok=True)
-                temp.with_name(temp.name + ".partial").unlink(missing_ok=True)
+            self.runtime.store.download_file(key, path)  # atomic, safe across gateway processes
         return path
