@@ -50,9 +50,12 @@ def make_perturbed_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, scal
                             task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, config)
         generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad():  # A and B both from the seeded generator: the same adapter on every run
             for name, parameter in peft_model.named_parameters():
-                if "lora_B" in name:
+                if "lora_A" in name:
+                    bound = parameter.shape[1] ** -0.5
+                    parameter.copy_((torch.rand(parameter.shape, generator=generator) * 2 - 1) * bound)
+                elif "lora_B" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
         peft_model.save_pretrained(str(out_dir))
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
