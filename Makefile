@@ -11,7 +11,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 PACKAGES := -e shared[catalog] -e services/ingest -e services/trainer -e services/exporter \
             -e services/gateway[llamacpp] -e deploy/local -e cli
 
-.PHONY: help install demo test test-fast lint bench up up-services down clean
+.PHONY: help install demo test test-fast lint bench bench-ingest up up-services down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -41,6 +41,9 @@ lint: install  ## ruff
 
 bench: install  ## the end-to-end pipeline benchmark (writes bench/results/)
 	$(PY) bench/pipeline_e2e.py
+
+bench-ingest: install  ## ingest throughput and peak RSS vs Hugging Face datasets, 100k and 1M rows (bench/results/)
+	$(PY) bench/ingest_throughput.py
 
 up: install  ## start the embedded stack in the background
 	$(VENV)/bin/afina up --embedded

@@ -61,9 +61,13 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
 
-    step_metrics = client.files.content(job.result_files[0]).text.splitlines()
+    result_files = {client.files.retrieve(file_id).filename: file_id for file_id in job.result_files}
+    assert {"report.md", "report.html", "step_metrics.csv", "training_metrics.jsonl",
+            "hardware_metrics.jsonl", "chart_loss.png"} <= set(result_files)
+    step_metrics = client.files.content(result_files["step_metrics.csv"]).text.splitlines()
     assert step_metrics[0].startswith("step,train_loss") and len(step_metrics) > 1
-    assert "# Training report" in client.files.content(job.result_files[1]).text
+    assert "# Training report" in client.files.content(result_files["report.md"]).text
+    assert client.files.content(result_files["chart_loss.png"]).content.startswith(b"\x89PNG")
 
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=24, temperature=0,

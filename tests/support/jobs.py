@@ -23,14 +23,16 @@ def sample_examples(n: int | None = None) -> list[dict[str, Any]]:
     return lines[:n] if n else lines
 
 
-def upload_file(runtime: Runtime, tenant_id: str, content: bytes, filename: str = "train.jsonl") -> File:
+def upload_file(runtime: Runtime, tenant_id: str, content: bytes, filename: str = "train.jsonl",
+                ingest_options: dict[str, Any] | None = None) -> File:
+    """A fine-tune file as the gateway registers it: stored, ``uploaded``, its ingest not run yet."""
     file_id = ids.file_id()
     key = raw_file_key(tenant_id, file_id, filename)
     info = runtime.store.put_bytes(key, content)
     with runtime.db.session() as session:
         repo.ensure_tenant(session, tenant_id)
         row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose="fine-tune", bytes=info.size,
-                   sha256=info.sha256, object_key=key)
+                   sha256=info.sha256, object_key=key, status="uploaded", ingest_options=ingest_options)
         session.add(row)
     return row
 

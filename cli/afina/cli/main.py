@@ -1,4 +1,4 @@
-"""``afina``: start and stop the stack, manage API keys, push data, run and watch jobs, chat."""
+"""``afina``: start and stop the stack, manage API keys, push data and read its report, run and watch jobs, chat."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from afina.cli.client import default_home, openai_client
+from afina.cli.client import connection, default_home, openai_client
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -69,25 +69,52 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    client = openai_client(args.home)
-    with open(args.file, "rb") as handle:
-        uploaded = client.files.create(file=handle, purpose="fine-tune")
-    print(json.dumps(uploaded.model_dump(), indent=2))
-    return 0
+    from afina.cli.datasets import CliError, build_options, format_report, push_file, wait_for_ingest
+
+    try:
+        options = build_options(args.options, format=args.format, system_prompt=args.system_prompt,
+                                split=args.split, strict=args.strict, base_model=args.base_model)
+        base_url, api_key = connection(args.home)
+        uploaded = push_file(base_url, api_key, Path(args.file), options)
+        print(json.dumps(uploaded, indent=2))
+        if not args.wait:
+            return 0
+        status = wait_for_ingest(base_url, api_key, uploaded["id"])
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(format_report(status, base_url))
+    return 0 if status["status"] == "processed" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from afina.cli.datasets import CliError, download_report, format_report, get_ingest
+
+    try:
+        base_url, api_key = connection(args.home)
+        status = get_ingest(base_url, api_key, args.file_id)
+        print(format_report(status, base_url))
+        if args.download:
+            written = download_report(base_url, api_key, args.file_id, args.download)
+            print(f"  saved  : {args.download} ({written} bytes)")
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0 if status["status"] != "error" else 1
 
 
 def _train(args: argparse.Namespace) -> int:
+    from afina.cli.jobconfig import job_request, submit_job
     from afina.cli.watch import watch_job
+    from afina.core.errors import InvalidRequest
 
-    client = openai_client(args.home)
-    training_file = args.file
-    if Path(args.file).exists():
-        with open(args.file, "rb") as handle:
-            training_file = client.files.create(file=handle, purpose="fine-tune").id
-    hyperparameters = {k: v for k, v in (("n_epochs", args.epochs), ("batch_size", args.batch_size),
-                                         ("learning_rate_multiplier", args.lr_multiplier)) if v is not None}
-    job = client.fine_tuning.jobs.create(model=args.model, training_file=training_file, suffix=args.suffix,
-                                         hyperparameters=hyperparameters or None)
+    try:
+        request = job_request(args)  # a bad config fails here, naming file, line and field
+        client = openai_client(args.home)
+        job = submit_job(client, request)
+    except InvalidRequest as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     print(f"job {job.id} created")
     if args.detach:
         return 0
@@ -139,13 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.set_defaults(run=_keys_create)
 
-    push = commands.add_parser("push", help="upload a training file")
+    push = commands.add_parser("push", help="upload a dataset (JSONL, JSON, CSV, Parquet, TXT, ZIP, tar.gz)")
     push.add_argument("file")
+    push.add_argument("--format", default=None, help="openai, sharegpt, alpaca, prompt_completion, text, columns, "
+                      "transcript, paired (default: detected)")
+    push.add_argument("--options", type=Path, default=None, help="YAML or JSON file of ingest options")
+    push.add_argument("--system-prompt", default=None, help="added to examples that have no system message")
+    push.add_argument("--split", default=None, help="named proportions, e.g. treino=0.8,validacao=0.1,teste=0.1")
+    push.add_argument("--strict", action="store_true", help="fail the file on any bad row (default: drop them)")
+    push.add_argument("--base-model", default=None, help="whose tokenizer measures lengths (default: catalog's)")
+    push.add_argument("--wait", action="store_true", help="wait for ingest and print its report summary")
     push.set_defaults(run=_push)
 
+    report = commands.add_parser("report", help="show what ingest made of an uploaded file")
+    report.add_argument("file_id")
+    report.add_argument("--download", type=Path, default=None, help="save the full report (JSONL) here")
+    report.set_defaults(run=_report)
+
     train = commands.add_parser("train", help="start a fine-tuning job and watch it")
-    train.add_argument("file", help="a local JSONL file or an uploaded file id")
-    train.add_argument("--model", default="smollm2-135m-instruct")
+    train.add_argument("file", nargs="?", default=None, help="a local JSONL file or an uploaded file id")
+    train.add_argument("--config", type=Path, default=None,
+                       help="a job YAML (model, training_file, hyperparameters); see configs/examples/")
+    train.add_argument("--model", default=None, help="default: the config's, else smollm2-135m-instruct")
     train.add_argument("--suffix", default=None)
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)

@@ -57,12 +57,24 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     model_cache_dir: Path | None = None
     trainer_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # a worker process imports its heavy libraries (torch, transformers, TRL, Unsloth on CUDA) when it
+    # starts, not when its first job arrives; compiled kernels are cached under <home>/cache (a volume)
+    worker_preload: bool = True
     checkpoint_keep_last: int = 3
     export_quantizations: list[str] = ["Q4_K_M", "Q8_0"]
 
     # gateway
     max_upload_bytes: int = 512 * 1024 * 1024
+
+    # ingest: the Fernet key that encrypts normalized splits at rest (options ``encrypt_at_rest``);
+    # a SecretStr, so it never appears in a repr, a log line or an error
+    data_encryption_key: SecretStr | None = None
+    ingest_progress_every: int = 10_000  # rows between progress events
+    ingest_processes: int = 2  # worker processes for the per-example work of large files (0: in process)
+    max_archive_expanded_bytes: int = 4 * 1024 * 1024 * 1024  # a ZIP/tar expanding past this is a bomb
     public_base_url: str = "http://127.0.0.1:8000"
+    events_poll_s: float = 1.0  # how often a job's event stream (SSE) looks for new events
+    events_keepalive_s: float = 15.0  # an SSE comment line after this long without an event
 
     # metrics (workers expose them on their own port; 0 disables)
     metrics_port: int = 0

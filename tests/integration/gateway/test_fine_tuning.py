@@ -163,3 +163,25 @@ def test_other_tenants_objects_are_invisible(acme, globex, upload) -> None:  # n
             call(job.id)
     assert job.id not in [j.id for j in globex.fine_tuning.jobs.list(limit=100).data]
     assert acme.fine_tuning.jobs.retrieve(job.id).status == "validating_files"
+
+
+def test_a_job_can_continue_from_a_fine_tuned_model(gateway: Gateway, acme, globex, upload) -> None:  # noqa: ANN001
+    """OpenAI's way of continuing training: ``model`` names an earlier fine-tuned model of the tenant."""
+    name = fine_tuned_model_name(SMOLLM2, "acme", "v1", "ftjob-parent0000000000000000001")
+    with gateway.runtime.db.session() as session:
+        repo.register_model(session, name=name, tenant_id="acme", base_model=SMOLLM2,
+                            job_id="ftjob-parent0000000000000000001", artifacts={})
+    training = upload()
+    job = acme.fine_tuning.jobs.create(model=name, training_file=training.id, suffix="v2")
+    assert job.model == SMOLLM2  # trained on the same base, starting from the earlier adapter
+    with gateway.runtime.db.session() as session:
+        row = repo.get_job(session, "acme", job.id)
+        assert row.method["supervised"]["init_from"] == {"model": name, "job_id": "ftjob-parent0000000000000000001"}
+
+    body = _bad_request(acme.fine_tuning.jobs.create, model="ft:smollm2-135m-instruct:acme:nope:ftjob-x",
+                        training_file=training.id)
+    assert (body["param"], body["code"]) == ("model", "model_not_found")
+    # another tenant's fine-tuned model is not a model it can continue from
+    other = upload(client=globex)
+    body = _bad_request(globex.fine_tuning.jobs.create, model=name, training_file=other.id)
+    assert (body["param"], body["code"]) == ("model", "model_not_found")

@@ -100,12 +100,17 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
                runtime.store.get_bytes(f"{job_prefix(job_id)}/report/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if r["type"] == "validation"] == [6]
-    # the result files, as the OpenAI API lists them: step metrics CSV and the report
+    # the result files, as the OpenAI API lists them: the report, its charts, the step CSV, the metrics files
     with runtime.db.session() as session:
         results = [repo.get_file(session, job.tenant_id, file_id) for file_id in job.result_files]
-    assert [f.filename for f in results] == ["step_metrics.csv", "report.md"]
+    assert [f.filename for f in results] == ["report.md", "report.html", "chart_loss.png", "chart_learning_rate.png",
+                                             "chart_memory.png", "step_metrics.csv", "training_metrics.jsonl",
+                                             "hardware_metrics.jsonl"]
     assert all(f.purpose == "fine-tune-results" for f in results)
-    csv_lines = runtime.store.get_bytes(results[0].object_key).decode().splitlines()
+    by_name = {f.filename: f for f in results}
+    assert runtime.store.get_bytes(by_name["chart_loss.png"].object_key).startswith(b"\x89PNG")
+    assert b"data:image/png;base64," in runtime.store.get_bytes(by_name["report.html"].object_key)
+    csv_lines = runtime.store.get_bytes(by_name["step_metrics.csv"].object_key).decode().splitlines()
     assert csv_lines[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
     assert len(csv_lines) == 7 and csv_lines[-1].split(",")[3]  # step 6 carries the validation loss
 
@@ -180,7 +185,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(reference_run: Run, model
     assert job.stage == "export"
     assert job.trained_tokens == job_row(reference_run.runtime, reference_run.job_id).trained_tokens
     report = runtime.store.get_bytes(f"{job_prefix(job_id)}/report/report.md").decode()
-    assert "resumed from the checkpoint at step 4" in report and "| 1 |" in report  # history survived
+    assert "from the checkpoint at step 4" in report
+    # the history survived the resume: the step metrics hold the steps before the checkpoint too
+    csv_rows = runtime.store.get_bytes(f"{job_prefix(job_id)}/report/step_metrics.csv").decode().splitlines()
+    assert [int(row.split(",")[0]) for row in csv_rows[1:] if row.split(",")[0].isdigit()][:6] == [1, 2, 3, 4, 5, 6]
 
 
 def test_cancelling_mid_run_saves_a_checkpoint_and_stops(model_cache: Path, tmp_path: Path) -> None:
@@ -213,3 +221,26 @@ def test_cancelling_mid_run_saves_a_checkpoint_and_stops(model_cache: Path, tmp_
     assert f"Cancellation requested: saving a checkpoint at step {stopped_at} and stopping" in messages
     assert messages[-1] == "Job cancelled"
     assert not (runtime.settings.resolved_work_dir / job_id).exists()
+
+
+def test_a_job_continues_from_an_earlier_jobs_adapter(reference_run: Run) -> None:
+    """``model: "ft:..."``: the new run starts from the reference run's adapter, so its first loss is lower."""
+    runtime = reference_run.runtime
+    parent = {"model": "ft:smollm2-135m-instruct:acme:test:" + reference_run.job_id, "job_id": reference_run.job_id}
+    job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "max_steps": 1, "save_steps": 100}, validation=False)
+    runtime_update(runtime, job_id, method={"type": "supervised", "supervised": {"hyperparameters": {},
+                                                                                  "init_from": parent}})
+    assert run_stage(runtime, job_id, "train", train_job) == "done"
+    messages = [event.message for event in job_events(runtime, job_id)]
+    assert any(m.startswith(f"Continuing from the adapter of job {reference_run.job_id}") for m in messages)
+    first = training_metrics(runtime, job_id)[1]["train_loss"]
+    reference_first = training_metrics(runtime, reference_run.job_id)[1]["train_loss"]
+    assert first < reference_first - 0.1, (first, reference_first)
+
+    # an adapter of another shape cannot be continued: the job says which rank to use
+    mismatch = new_job(runtime, {**RUN_HYPERPARAMETERS, "max_steps": 1, "lora_r": 8}, validation=False)
+    runtime_update(runtime, mismatch, method={"type": "supervised", "supervised": {"hyperparameters": {},
+                                                                                    "init_from": parent}})
+    assert run_stage(runtime, mismatch, "train", train_job) == "failed"
+    error = job_row(runtime, mismatch).error
+    assert error["code"] == "incompatible_adapter" and "lora_r to 16" in error["message"]

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from afina.core.db.models import Job
 from afina.core.errors import InvalidRequest
-from afina.gateway.fine_tuning.protocol import CreateJobRequest, Hyperparameters
+from afina.gateway.fine_tuning.protocol import CreateJobRequest
 from afina.gateway.fine_tuning.service import display_hyperparameters, job_object, merge_hyperparameters
 
 
@@ -18,21 +18,41 @@ def request(**changes: Any) -> CreateJobRequest:
 
 
 @pytest.mark.parametrize("values", [{"n_epochs": "auto"}, {"n_epochs": 3}, {"n_epochs": 3.0}, {"batch_size": 256},
-                                    {"learning_rate_multiplier": 0.1}, {"learning_rate_multiplier": 2}])
-def test_hyperparameters_accept_auto_or_positive_numbers(values: dict[str, Any]) -> None:
-    Hyperparameters(**values)
+                                    {"learning_rate_multiplier": 0.1}, {"learning_rate_multiplier": 2},
+                                    {"lora_r": 8, "quantization": "4bit", "early_stopping": {"patience": 2}}])
+def test_hyperparameters_accept_auto_numbers_and_extras(values: dict[str, Any]) -> None:
+    merged = merge_hyperparameters(request(hyperparameters=values))
+    assert set(merged) >= {"n_epochs", "batch_size", "learning_rate_multiplier", *values}
 
 
-@pytest.mark.parametrize("values", [{"n_epochs": 0}, {"n_epochs": 2.5}, {"n_epochs": True}, {"n_epochs": "3"},
-                                    {"n_epochs": 51}, {"batch_size": -1}, {"learning_rate_multiplier": 0},
-                                    {"learning_rate_multiplier": "fast"}, {"epochs": 3}])
-def test_hyperparameters_refuse_everything_else(values: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError):
-        Hyperparameters(**values)
+@pytest.mark.parametrize(("values", "field"), [
+    ({"n_epochs": 0}, "n_epochs"), ({"n_epochs": 2.5}, "n_epochs"), ({"n_epochs": True}, "n_epochs"),
+    ({"n_epochs": "3"}, "n_epochs"), ({"n_epochs": 51}, "n_epochs"), ({"batch_size": -1}, "batch_size"),
+    ({"learning_rate_multiplier": 0}, "learning_rate_multiplier"),
+    ({"learning_rate_multiplier": "fast"}, "learning_rate_multiplier"), ({"epochs": 3}, "epochs"),
+    ({"lora_r": 0}, "lora_r"), ({"learning_rate": 1e-4}, "learning_rate"), ({"chat_family": "llama9"}, "chat_family"),
+    ({"early_stopping": {"patience": 0}}, "early_stopping.patience"),
+])
+def test_hyperparameters_refuse_everything_else_naming_the_field(values: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        merge_hyperparameters(request(hyperparameters=values))
+    assert caught.value.param == f"hyperparameters.{field}"
+    with pytest.raises(InvalidRequest) as caught:
+        merge_hyperparameters(request(method={"type": "supervised", "supervised": {"hyperparameters": values}}))
+    assert caught.value.param == f"method.supervised.hyperparameters.{field}"
+
+
+def test_rules_between_fields_hold_on_the_merged_hyperparameters() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        merge_hyperparameters(request(hyperparameters={"backend": "hf"},
+                                      method={"type": "supervised", "supervised": {
+                                          "hyperparameters": {"gradient_checkpointing": "unsloth"}}}))
+    assert caught.value.param == "hyperparameters.gradient_checkpointing"
 
 
 def test_integer_valued_floats_become_ints() -> None:
-    assert Hyperparameters(n_epochs=3.0).n_epochs == 3 and isinstance(Hyperparameters(n_epochs=3.0).n_epochs, int)
+    merged = merge_hyperparameters(request(hyperparameters={"n_epochs": 3.0, "lora_r": 8.0}))
+    assert merged["n_epochs"] == 3 and isinstance(merged["n_epochs"], int) and isinstance(merged["lora_r"], int)
 
 
 @pytest.mark.parametrize("suffix", ["a", "support-bot_2", "x" * 64])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from afina.core.errors import InvalidRequest
-from afina.trainer.config import (
+from afina.core.training import (
     BASE_LEARNING_RATE,
     auto_batch_size,
     auto_epochs,

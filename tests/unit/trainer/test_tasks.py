@@ -13,14 +13,14 @@ from tests.support.jobs import create_job
 
 
 def test_importing_the_trainer_loads_no_torch() -> None:
-    import afina.trainer.config  # noqa: F401
+    import afina.core.training  # noqa: F401
     import afina.trainer.recipe  # noqa: F401
     import afina.trainer.tasks  # noqa: F401
 
     if "torch" in sys.modules:  # another test of this session imported it: check in a fresh interpreter
         import subprocess
 
-        code = "import sys, afina.trainer.recipe, afina.trainer.tasks; assert 'torch' not in sys.modules"
+        code = "import sys, afina.core.training, afina.trainer.recipe, afina.trainer.tasks; assert 'torch' not in sys.modules"
         subprocess.run([sys.executable, "-c", code], check=True)
 
 

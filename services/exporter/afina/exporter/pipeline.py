@@ -33,6 +33,7 @@ from afina.core.logging import log_event
 from afina.core.queue.jobs import JobContext
 from afina.core.store import ArtifactStore
 from afina.core.store.base import ObjectInfo, sha256_file
+from afina.core.training import requested_hyperparameters
 from afina.exporter.gguf import BASE_GGUF, convert_to_gguf, quantize_gguf, resolve_quantizations
 from afina.exporter.merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter
 from afina.exporter.modelfile import render_modelfile
@@ -85,7 +86,9 @@ def export_job(context: JobContext) -> None:
         context.event("Model already registered for this job; nothing to export")
         return None
     job = context.snapshot()
-    spec = resolve_base_model(job.model)
+    # the family the train stage used: a job's chat_family overrides the catalog's (and names a custom model's)
+    chat_family = requested_hyperparameters(job.hyperparameters, job.method).get("chat_family")
+    spec = resolve_base_model(job.model, chat_family=chat_family, store=runtime.store)
     quantizations = resolve_quantizations(settings.export_quantizations)
     keys = ExportKeys(model_prefix(job.tenant_id, job.id), (BASE_GGUF, *quantizations))
     serve = next((q for q in SERVE_PREFERENCE if q in quantizations), quantizations[0] if quantizations else BASE_GGUF)
@@ -153,7 +156,7 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
             store.download_file(keys.gguf(BASE_GGUF), local[BASE_GGUF])
             context.event("Reusing the 16-bit GGUF already in the store")
         else:
-            base_dir = _base_dir(spec, settings.resolved_model_cache_dir)
+            base_dir = _base_dir(spec, settings.resolved_model_cache_dir, store)
             merged_dir = work_dir / "merged"
             with _phase(context, timings, "merge") as note:
                 merged = merge_adapter(base_dir, adapter_dir, merged_dir, chat_template=family.stock_template)
@@ -180,7 +183,7 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
 
         context.check_continue()
         tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() \
-            else base_dir or _base_dir(spec, settings.resolved_model_cache_dir)
+            else base_dir or _base_dir(spec, settings.resolved_model_cache_dir, store)
         hf_tokenizer = load_hf_tokenizer(tokenizer_dir, family.stock_template)
         with _phase(context, timings, "verify") as note:
             try:
@@ -251,10 +254,10 @@ def download_adapter(store: ArtifactStore, job_id: str, adapter_dir: Path) -> Pa
     return adapter_dir
 
 
-def _base_dir(spec: BaseModelSpec, cache_dir: Path) -> Path:
+def _base_dir(spec: BaseModelSpec, cache_dir: Path, store: ArtifactStore) -> Path:
     from afina.core.hfmodels import materialize_base_model
 
-    return materialize_base_model(spec, cache_dir)
+    return materialize_base_model(spec, cache_dir, store=store)
 
 
 @contextmanager

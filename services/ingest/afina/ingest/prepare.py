@@ -1,137 +1,131 @@
-"""The ingest stage: validate, normalize, deduplicate, split, and commit with a manifest.
+"""The job's ingest stage: find (or make) the dataset versions of its files, and point the job at them.
 
-The manifest is written last: a dataset prefix without ``manifest.json`` is an
-unfinished attempt, and a retried stage starts it over; one with a manifest is
-reused as it is (the stage is idempotent).
+A file is normally ingested as soon as it is uploaded (``process_file``); the version is
+content-addressed by the raw bytes, the options and the job's base model, so this stage
+usually finds a committed manifest and reuses it. If the file has not been processed yet
+(its worker is busy, or the upload's message was lost), the stage runs the same pipeline
+itself and gets the same version. The stage is idempotent: a retried stage finds what the
+first attempt committed.
+
+With a ``validation_file`` the training file keeps every example for training, the
+validation file becomes the validation split, and a small job-level manifest names the
+split objects of both versions.
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+import time
 
 import orjson
 
-from afina.core.datasets.layout import dataset_prefix
+from afina.core.catalog import resolve_base_model
+from afina.core.datasets.layout import INGEST_MANIFEST, dataset_prefix
+from afina.core.datasets.options import IngestOptions
 from afina.core.db import repository as repo
-from afina.core.errors import DatasetInvalid, ObjectMissing
+from afina.core.db.models import File
+from afina.core.errors import DatasetInvalid
 from afina.core.queue.jobs import JobContext
-from afina.core.store import ArtifactStore
-from afina.ingest.split import is_validation, record_digest, validation_fraction_for
-from afina.ingest.validate import MIN_EXAMPLES, RowProblem, check_example, normalize_example, parse_line
-
-log = logging.getLogger("afina.ingest")
-MAX_REPORTED_PROBLEMS = 20
+from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, ingest_file, read_manifest, version_key
+from afina.ingest.process_file import options_of, record_failure, record_result, source_of
 
 
-def iter_object_lines(store: ArtifactStore, key: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line bytes) for every non-blank line of a stored object."""
-    pending = b""
-    number = 0
-    for chunk in store.iter_chunks(key):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            number += 1
-            if line.strip():
-                yield number, line.rstrip(b"\r")
-    if pending.strip():
-        yield number + 1, pending.rstrip(b"\r")
+def job_options(row: File, model: str, role: str) -> IngestOptions:
+    """The file's own options for this job: its base model, and the split its role needs."""
+    options = options_of(row)
+    values = options.model_dump(mode="json")
+    if options.base_model is None:
+        values["base_model"] = model
+    if role == "validation_file":  # all of it is validation: it goes through "train" of its own version
+        values.update(split={"proportions": {"train": 1.0}, "min_examples": {}, "split_column": None},
+                      min_examples=1)
+    elif role == "training_file_with_validation":  # a separate validation file: nothing held out here
+        values["split"] = {**values["split"], "proportions": {"train": 1.0}, "min_examples": {"train": 1}}
+    return IngestOptions.model_validate(values)
 
 
-def load_examples(store: ArtifactStore, key: str, filename: str) -> list[dict[str, Any]]:
-    """Every example of a file, normalized; ``DatasetInvalid`` naming the first bad line otherwise."""
-    problems: list[RowProblem] = []
-    examples: list[dict[str, Any]] = []
-    for line_number, raw in iter_object_lines(store, key):
-        value, problem = parse_line(raw, line_number)
-        found = [problem] if problem else check_example(value, line_number)
-        if found:
-            problems.extend(found)
-            if len(problems) >= MAX_REPORTED_PROBLEMS:
-                break
-            continue
-        examples.append(normalize_example(value))
-    if problems:
-        first = problems[0]
-        more = f" ({len(problems) - 1} more problem(s): " + "; ".join(p.describe() for p in problems[1:5]) + ")" \
-            if len(problems) > 1 else ""
-        raise DatasetInvalid(f"{filename}: {first.message} [field {first.field}]{more}", line=first.line,
-                             rule=first.rule, param="training_file")
-    return examples
+def ensure_version(context: JobContext, row: File, options: IngestOptions, param: str) -> IngestResult:
+    """The committed version of ``row`` under ``options``: reused if it exists, made otherwise."""
+    runtime = context.runtime
+    source = source_of(row)
+    key = version_key(source, options)
+    manifest = read_manifest(runtime.store, key)
+    if manifest is not None:
+        counts = manifest.get("counts", {})
+        context.event(f"Reusing prepared dataset {key.rsplit('/', 1)[-1]} of {row.filename} "
+                      f"({counts.get('train', 0)} training examples)")
+        return IngestResult(version_key=key, manifest=manifest, reused=True)
+    state = row.ingest_state or {}
+    if row.status == "error" and state.get("version") == key:  # the same input already failed the same way
+        error = state.get("error") or {}
+        raise DatasetInvalid(row.status_details or error.get("message") or "the file failed ingest",
+                             rule=error.get("code"), param=param)
+    context.event(f"Ingesting {row.filename} ({row.id})")
 
+    def on_progress(event: IngestProgress) -> None:
+        if event.stage == "reading":
+            context.check_continue()
+            context.event(f"Ingest of {row.filename}: {event.rows} rows read, {event.examples} examples kept, "
+                          f"{event.issues} issue(s)", data={"ingest": event.as_dict()})
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "wb") as handle:
-        for record in records:
-            handle.write(orjson.dumps(record) + b"\n")
+    settings = runtime.settings
+    own_version = version_key(source, options_of(row)) == key
+    try:
+        result = ingest_file(runtime.store, source, options, work_dir=settings.resolved_work_dir / "ingest",
+                             model_cache_dir=settings.resolved_model_cache_dir,
+                             data_key=settings.data_encryption_key, progress=on_progress,
+                             progress_every=settings.ingest_progress_every, processes=settings.ingest_processes)
+    except IngestFailed as exc:
+        if own_version and row.status == "uploaded":
+            record_failure(runtime, row.id, exc, exc.version_key)
+        raise DatasetInvalid(exc.reason, line=exc.line, rule=exc.rule, param=param) from None
+    if own_version and row.status == "uploaded":
+        record_result(runtime, row.id, result)
+    counts = result.manifest["counts"]
+    context.event(f"Dataset {result.version_key.rsplit('/', 1)[-1]} ready: {counts.get('train', 0)} training, "
+                  f"{counts.get('validation', 0)} validation, {counts.get('test', 0)} test examples "
+                  f"({result.summary.get('issue_total', 0)} issue(s) in the report)")
+    return result
 
 
 def prepare_dataset(context: JobContext) -> str:
     """Run the ingest stage for a job; returns the next stage (``train``)."""
     runtime = context.runtime
-    store = runtime.store
     with runtime.db.session() as session:
         job = repo.get_job(session, None, context.job_id)
         training = repo.get_file(session, job.tenant_id, job.training_file)
         validation = repo.get_file(session, job.tenant_id, job.validation_file) if job.validation_file else None
-    prefix = dataset_prefix(context.tenant_id, training.id, validation.id if validation else None)
-    manifest_key = f"{prefix}/manifest.json"
-    try:
-        manifest = orjson.loads(store.get_bytes(manifest_key))
-        context.event(f"Reusing prepared dataset ({manifest['counts']['train']} training examples)")
-    except ObjectMissing:
-        manifest = _build_dataset(context, store, prefix, training, validation)
-    context.update(dataset_key=prefix)
+    model = resolve_base_model(job.model).id
+    if validation is None:
+        result = ensure_version(context, training, job_options(training, model, "training_file"), "training_file")
+        dataset_key = result.version_key
+    else:
+        context.event(f"Validating training file: {training.id}")
+        trained = ensure_version(context, training, job_options(training, model, "training_file_with_validation"),
+                                 "training_file")
+        context.event(f"Validating validation file: {validation.id}")
+        held_out = ensure_version(context, validation, job_options(validation, model, "validation_file"),
+                                  "validation_file")
+        dataset_key = _combine(context, trained, held_out)
+    context.update(dataset_key=dataset_key)
     context.set_status("queued", message="Files validated; job queued for training")
     return "train"
 
 
-def _build_dataset(context: JobContext, store: ArtifactStore, prefix: str, training, validation) -> dict[str, Any]:  # noqa: ANN001
-    context.event(f"Validating training file: {training.id}")
-    examples = load_examples(store, training.object_key, training.filename)
-    if len(examples) < MIN_EXAMPLES:
-        raise DatasetInvalid(f"{training.filename} has {len(examples)} valid example(s); at least {MIN_EXAMPLES} "
-                             f"are required", rule="too_few_examples", param="training_file")
-    seen: set[str] = set()
-    train_records: list[dict[str, Any]] = []
-    validation_records: list[dict[str, Any]] = []
-    duplicates = 0
-    fraction = 0.0 if validation else validation_fraction_for(len(examples))
-    for record in examples:
-        digest = record_digest(record)
-        if digest in seen:
-            duplicates += 1
-            continue
-        seen.add(digest)
-        (validation_records if is_validation(digest, fraction) else train_records).append(record)
+def _combine(context: JobContext, trained: IngestResult, held_out: IngestResult) -> str:
+    """A job-level manifest: train (and test) from the training version, validation from the other file."""
+    store = context.runtime.store
+    prefix = dataset_prefix(context.tenant_id, trained.version_key, held_out.version_key)
+    if read_manifest(store, prefix) is not None:
+        return prefix
+    splits = {name: info for name, info in trained.manifest["splits"].items() if name != "validation"}
+    validation = held_out.manifest["splits"].get("train")
     if validation is not None:
-        context.event(f"Validating validation file: {validation.id}")
-        validation_records = load_examples(store, validation.object_key, validation.filename)
-    if not train_records:
-        raise DatasetInvalid("no training examples remain after the split", rule="empty_split",
-                             param="training_file")
-    manifest: dict[str, Any] = {
-        "format": "openai-chat",
-        "training_file": training.id,
-        "validation_file": validation.id if validation else None,
-        "counts": {"input": len(examples), "duplicates_removed": duplicates, "train": len(train_records),
-                   "validation": len(validation_records)},
-        "splits": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="afina-ingest-") as tmp:
-        for split_name, records in (("train", train_records), ("validation", validation_records)):
-            if not records:
-                continue
-            path = Path(tmp) / f"{split_name}.jsonl"
-            _write_jsonl(path, records)
-            info = store.put_file(f"{prefix}/{split_name}.jsonl", path)
-            manifest["splits"][split_name] = {"key": info.key, "sha256": info.sha256, "bytes": info.size,
-                                              "examples": len(records)}
-    store.put_bytes(f"{prefix}/manifest.json", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    context.event(f"Dataset ready: {len(train_records)} training and {len(validation_records)} validation "
-                  f"examples ({duplicates} duplicate(s) removed)")
-    return manifest
+        splits["validation"] = validation
+    counts = {name: info["examples"] for name, info in splits.items()}
+    manifest = {"format": trained.manifest.get("format", "openai-chat"),
+                "versions": {"training": trained.version_key, "validation": held_out.version_key},
+                "counts": {"train": counts.get("train", 0), "validation": counts.get("validation", 0),
+                           "test": counts.get("test", 0)},
+                "splits": splits, "created_at": int(time.time())}
+    store.put_bytes(f"{prefix}/{INGEST_MANIFEST}", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return prefix

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import SecretStr
 
+from afina.core.datasets.at_rest import SCHEME as AT_REST_SCHEME
+from afina.core.datasets.at_rest import decrypt_bytes
 from afina.core.errors import DatasetInvalid, TrainingFailed
 from afina.core.store import ArtifactStore
 
@@ -48,8 +51,13 @@ class EncodedSplit:
                 "truncated": self.truncated, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
 
 
-def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None) -> PreparedDataset:
-    """Read ``manifest.json`` and its splits, checking each split against the manifest's sha256."""
+def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None,
+                          data_key: SecretStr | None = None) -> PreparedDataset:
+    """Read ``manifest.json`` and its splits, checking each split against the manifest's sha256.
+
+    A split ingest encrypted at rest (``"encryption"`` in its manifest entry) is decrypted with
+    ``data_key`` (``Settings.data_encryption_key``) after its sha256 is checked.
+    """
     if not dataset_key:
         raise TrainingFailed("the job has no prepared dataset: the ingest stage has not committed one")
     manifest = orjson.loads(store.get_bytes(f"{dataset_key}/manifest.json"))
@@ -61,6 +69,11 @@ def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None) -> Prep
         if info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise TrainingFailed(f"{info['key']} does not match the sha256 in its manifest; "
                                  f"the prepared dataset was changed after ingest")
+        if info.get("encryption"):
+            if info["encryption"] != AT_REST_SCHEME:
+                raise TrainingFailed(f"{info['key']} is encrypted with {info['encryption']!r}, which this "
+                                     f"trainer cannot read")
+            data = decrypt_bytes(data, data_key)
         splits[name] = [orjson.loads(line) for line in data.splitlines() if line.strip()]
     if not splits["train"]:
         raise DatasetInvalid("the prepared dataset has no training examples", rule="empty_split",
@@ -69,8 +82,11 @@ def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None) -> Prep
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_template: str,
-                   max_seq_len: int) -> tuple[dict[str, list[int]], bool] | None:
-    """``({"input_ids", "labels"}, truncated)`` for one conversation; None when nothing is left to train on."""
+                   max_seq_len: int, *, assistant_only: bool = True) -> tuple[dict[str, list[int]], bool] | None:
+    """``({"input_ids", "labels"}, truncated)`` for one conversation; None when nothing is left to train on.
+
+    ``assistant_only`` (``hyperparameters.assistant_only_loss``, the default) trains on the replies alone; off,
+    every token is trained but the replies with ``weight: 0``."""
     encoded = tokenizer.apply_chat_template(messages, chat_template=training_template, tokenize=True,
                                             return_dict=True, return_assistant_tokens_mask=True)
     input_ids = list(encoded["input_ids"])
@@ -81,10 +97,12 @@ def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_temp
         # template bug, and training on a wrong mask would silently teach the wrong thing
         raise TrainingFailed(f"the training template marked {len(spans)} assistant span(s) for "
                              f"{len(replies)} assistant message(s); the family's training template is broken")
-    labels = [IGNORE_INDEX] * len(input_ids)
+    labels = [IGNORE_INDEX] * len(input_ids) if assistant_only else list(input_ids)
     for (start, end), reply in zip(spans, replies, strict=True):
         if reply.get("weight", 1) != 0:
             labels[start:end] = input_ids[start:end]
+        elif not assistant_only:
+            labels[start:end] = [IGNORE_INDEX] * (end - start)
     truncated = len(input_ids) > max_seq_len
     input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
     if all(label == IGNORE_INDEX for label in labels):
@@ -93,10 +111,11 @@ def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_temp
 
 
 def encode_split(tokenizer: Any, examples: list[dict[str, Any]], training_template: str,
-                 max_seq_len: int) -> EncodedSplit:
+                 max_seq_len: int, *, assistant_only: bool = True) -> EncodedSplit:
     split = EncodedSplit(examples=len(examples))
     for example in examples:
-        result = encode_example(tokenizer, example["messages"], training_template, max_seq_len)
+        result = encode_example(tokenizer, example["messages"], training_template, max_seq_len,
+                                assistant_only=assistant_only)
         if result is None:
             split.dropped += 1
             continue
@@ -109,9 +128,9 @@ def encode_split(tokenizer: Any, examples: list[dict[str, Any]], training_templa
 
 
 def encode_training_split(tokenizer: Any, examples: list[dict[str, Any]], training_template: str,
-                          max_seq_len: int) -> EncodedSplit:
+                          max_seq_len: int, *, assistant_only: bool = True) -> EncodedSplit:
     """Like ``encode_split``, but a training split with nothing left to learn from fails the job."""
-    split = encode_split(tokenizer, examples, training_template, max_seq_len)
+    split = encode_split(tokenizer, examples, training_template, max_seq_len, assistant_only=assistant_only)
     if not split.rows:
         raise DatasetInvalid(f"none of the {split.examples} training example(s) has an assistant token to train "
                              f"on within max_seq_len={max_seq_len} (replies with weight 0 are not trained); "

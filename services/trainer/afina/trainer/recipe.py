@@ -32,15 +32,17 @@ from afina.core.db import repository as repo
 from afina.core.db.models import Job
 from afina.core.errors import TrainingFailed
 from afina.core.logging import log_event
+from afina.core.queue.drain import WorkerDraining
 from afina.core.queue.jobs import JobCancelled, JobContext
-from afina.trainer import checkpoints
-from afina.trainer.config import (
+from afina.core.training import (
     TrainingConfig,
     requested_hyperparameters,
     requested_max_seq_len,
     resolve_hyperparameters,
     with_resolved,
 )
+from afina.trainer import checkpoints
+from afina.trainer.backends import BackendName, ModelRequest, choose_backend, load_trainable_model, prepare_backend
 from afina.trainer.data import (
     EncodedSplit,
     PreparedDataset,
@@ -49,7 +51,20 @@ from afina.trainer.data import (
     encode_training_split,
     load_prepared_dataset,
 )
-from afina.trainer.report import metric_records, metrics_jsonl, render_report, step_metrics_csv
+from afina.trainer.guards import LossGuard, is_out_of_memory, loss_guard_callback
+from afina.trainer.packing import PaddingFreeCollator, pack_rows
+from afina.trainer.parent import check_compatible, fetch_parent_adapter, load_parent_weights, parent_job_of
+from afina.trainer.preflight import (
+    GIB,
+    MemoryEstimate,
+    ModelShape,
+    Resources,
+    RunShape,
+    check_fits,
+    checkpoint_bytes,
+    halve_micro_batch,
+)
+from afina.trainer.report import RunFacts, build_report, metric_records, metrics_jsonl
 
 log = logging.getLogger("afina.trainer")
 
@@ -105,14 +120,19 @@ class LoRAFinetuneRecipe:
         context.set_status("running", message="Fine-tuning job started")
         shutil.rmtree(self.work_dir, ignore_errors=True)  # a dead attempt's files; the store has what counts
         self.output_dir.mkdir(parents=True)
-        self.spec = resolve_base_model(self.job.model)
+        self.requested = requested_hyperparameters(self.job.hyperparameters, self.job.method)
+        self.spec = resolve_base_model(self.job.model, chat_family=self.requested.get("chat_family"),
+                                       store=self.runtime.store)
         self.prepared = self._setup_prepared_dataset()  # before the model: a bad dataset fails in a second
         self.device = self._setup_device()
+        self.backend = self._setup_backend()  # before the tokenizer: Unsloth must be imported before transformers
         self.base_model_dir = self._setup_base_model()
         self.tokenizer = self._setup_tokenizer()
         context.check_continue()
         self.dataset = self._setup_data()
+        self.train_rows = self._setup_train_rows()
         self.config = self._setup_config()
+        self.memory_estimate = self._setup_preflight()
         context.check_continue()
         self.model = self._setup_model()
         self.resume_dir = self.load_checkpoint()
@@ -133,7 +153,7 @@ class LoRAFinetuneRecipe:
         from afina.core.hfmodels import materialize_base_model
 
         self.context.event(f"Preparing base model {self.spec.id}")
-        return materialize_base_model(self.spec, self.settings.resolved_model_cache_dir)
+        return materialize_base_model(self.spec, self.settings.resolved_model_cache_dir, store=self.runtime.store)
 
     def _setup_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -150,16 +170,19 @@ class LoRAFinetuneRecipe:
         return tokenizer
 
     def _setup_prepared_dataset(self) -> PreparedDataset:
-        return load_prepared_dataset(self.runtime.store, self.job.dataset_key)
+        return load_prepared_dataset(self.runtime.store, self.job.dataset_key,
+                                     self.runtime.settings.data_encryption_key)
 
     def _setup_data(self) -> EncodedDataset:
         prepared = self.prepared
-        requested = requested_hyperparameters(self.job.hyperparameters, self.job.method)
-        max_seq_len = requested_max_seq_len(requested, self.spec.context_length)
+        max_seq_len = requested_max_seq_len(self.requested, self.spec.context_length)
         template = self.spec.family.training_template
         check_template_parity(self.tokenizer, prepared.train, template)
-        train = encode_training_split(self.tokenizer, prepared.train, template, max_seq_len)
-        validation = encode_split(self.tokenizer, prepared.validation, template, max_seq_len)
+        assistant_only = bool(self._option("assistant_only_loss", True))
+        train = encode_training_split(self.tokenizer, prepared.train, template, max_seq_len,
+                                      assistant_only=assistant_only)
+        validation = encode_split(self.tokenizer, prepared.validation, template, max_seq_len,
+                                  assistant_only=assistant_only)
         dropped = f"; {train.dropped} dropped with nothing to train on" if train.dropped else ""
         self.context.event(f"Dataset tokenized: {len(train.rows)} training example(s), {train.tokens:,} tokens "
                            f"({train.trained_tokens:,} trained), {len(validation.rows)} validation example(s)"
@@ -169,87 +192,200 @@ class LoRAFinetuneRecipe:
                                "validation loss will not be reported", level="warn")
         return EncodedDataset(manifest=prepared.manifest, train=train, validation=validation)
 
+    def _setup_backend(self) -> BackendName:
+        backend = choose_backend(str(self._option("backend", "auto")), self.device)
+        prepare_backend(backend)
+        return backend
+
+    def _setup_train_rows(self) -> list[dict[str, list[int]]]:
+        """The rows the trainer iterates: the encoded examples, or bins of them when ``packing`` is on."""
+        rows = self.dataset.train.rows
+        if not self._option("packing", False):
+            return rows
+        max_seq_len = requested_max_seq_len(self.requested, self.spec.context_length)
+        packed, summary = pack_rows(rows, max_seq_len)
+        self.context.event(f"Packed {summary.examples} example(s) into {summary.rows} row(s) of up to "
+                           f"{max_seq_len} tokens ({summary.fill:.0%} filled)")
+        return packed
+
     def _setup_config(self) -> TrainingConfig:
-        requested = requested_hyperparameters(self.job.hyperparameters, self.job.method)
-        config = resolve_hyperparameters(requested, len(self.dataset.train.rows), self.spec.context_length)
+        # with packing, a "training example" of the batch rules is a packed row
+        config = resolve_hyperparameters(self.requested, len(self.train_rows), self.spec.context_length,
+                                         n_validation=len(self.dataset.validation.rows),
+                                         default_target_modules=self.spec.family.target_modules)
+        self._publish_config(config)
+        return config
+
+    def _publish_config(self, config: TrainingConfig) -> None:
         public = config.public()
         stored = with_resolved(self.job.hyperparameters, config)
         if stored != self.job.hyperparameters:
             self.context.update(hyperparameters=stored)
+            self.job.hyperparameters = stored
         self.context.event("Hyperparameters: " + ", ".join(f"{k}={v}" for k, v in public.items()
                                                            if v is not None))
-        return config
+
+    def _setup_preflight(self) -> MemoryEstimate:
+        """Refuse, with a setting that would fit, a run this worker cannot hold (before loading the model)."""
+        model_shape = ModelShape.from_config_file(self.base_model_dir / "config.json")
+        run_shape = self._run_shape(self.config)
+        resources = Resources.measure(self.device, self.work_dir)
+        disk_needed = checkpoint_bytes(model_shape, run_shape) * 2
+        estimate = check_fits(model_shape, run_shape, resources, disk_needed=disk_needed)
+        where = "GPU memory" if self.device == "cuda" else "RAM"
+        self.context.event(f"Preflight: about {estimate.total / GIB:.1f} GiB of {where} needed "
+                           f"({estimate.describe()})")
+        return estimate
+
+    def _run_shape(self, config: TrainingConfig) -> RunShape:
+        if self._option("packing", False):
+            longest = config.max_seq_len
+        else:
+            longest = max(len(row["input_ids"]) for row in self.train_rows)
+        return RunShape(backend=self.backend, device=self.device, dtype=self._dtype_name(),
+                        quantization=str(self._option("quantization", "none")), batch_size=config.batch_size,
+                        gradient_accumulation_steps=config.gradient_accumulation_steps, tokens_per_row=longest,
+                        gradient_checkpointing=self._gradient_checkpointing(), lora_r=config.lora_r,
+                        target_modules=self._target_modules())
 
     def _setup_model(self) -> Any:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, set_seed
-
-        if self.device == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
-        set_seed(self.job.seed)  # the LoRA init is random: same seed, same run
-        model = AutoModelForCausalLM.from_pretrained(str(self.base_model_dir), dtype=dtype)
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
-                          lora_dropout=self.config.lora_dropout,
-                          target_modules=list(self.spec.family.target_modules), bias="none", task_type="CAUSAL_LM")
-        return get_peft_model(model, lora)
+        request = ModelRequest(
+            base_model_dir=self.base_model_dir, device=self.device, dtype=self._dtype_name(),
+            max_seq_len=self.config.max_seq_len, quantization=str(self._option("quantization", "none")),
+            lora_r=self.config.lora_r, lora_alpha=self.config.lora_alpha, lora_dropout=self.config.lora_dropout,
+            target_modules=self._target_modules(), gradient_checkpointing=self._gradient_checkpointing(),
+            pad_token_id=self.tokenizer.pad_token_id, seed=self.job.seed)
+        self.context.event(f"Loading {self.spec.id} with the {self.backend} backend ({request.dtype}, "
+                           f"quantization {request.quantization})")
+        model = load_trainable_model(self.backend, request)
+        parent_job = parent_job_of(self.job.method)
+        if parent_job is not None:
+            config, weights = fetch_parent_adapter(self.runtime.store, parent_job, self.work_dir / "parent")
+            check_compatible(config, self.config.lora_r, request.target_modules)
+            loaded = load_parent_weights(model, weights)
+            self.context.event(f"Continuing from the adapter of job {parent_job} ({loaded} LoRA tensors)")
+        return model
 
     def _setup_trainer(self) -> Any:
-        import torch
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTTrainer
 
+        from afina.trainer.arguments import sft_arguments, trainer_callbacks
         from afina.trainer.callbacks import JobProgressCallback
 
-        config = self.config
         has_validation = bool(self.dataset.validation.rows)
-        cuda = self.device == "cuda"
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-        # labels are built by data.py (assistant replies + EOS, weights, truncation), so TRL's own dataset
-        # preparation is skipped; its collator pads input_ids with the pad token and labels with -100
-        args = SFTConfig(
-            output_dir=str(self.output_dir),
-            seed=self.job.seed, data_seed=self.job.seed,
-            num_train_epochs=config.n_epochs, max_steps=config.max_steps or -1,
-            per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=config.warmup_ratio,
-            weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-            logging_strategy="steps", logging_steps=config.logging_steps, logging_first_step=True,
-            eval_strategy="steps" if has_validation else "no", eval_steps=config.steps_per_epoch,
-            save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
-            max_length=config.max_seq_len, dataset_kwargs={"skip_prepare_dataset": True},
-            include_num_input_tokens_seen="non_padding",
-            use_cpu=not cuda, bf16=bf16, fp16=cuda and not bf16, activation_checkpointing=cuda,
-            dataloader_num_workers=0, report_to=[], push_to_hub=False, disable_tqdm=True, log_level="warning",
-        )
-        self.callback = JobProgressCallback(self.context, self.save_checkpoint)
+        args = sft_arguments(self.config, self.output_dir, device=self.device, seed=self.job.seed,
+                             has_validation=has_validation, backend=self.backend)
+        self.callback = JobProgressCallback(self.context, self.save_checkpoint, metrics_dir=self.work_dir / "metrics")
+        self.loss_guard = LossGuard(self.config.learning_rate)
+        collator = PaddingFreeCollator() if self._option("packing", False) else None
         return SFTTrainer(
             model=self.model, args=args, processing_class=self.tokenizer,
-            train_dataset=Dataset.from_list(self.dataset.train.rows),
+            train_dataset=Dataset.from_list(self.train_rows),
             eval_dataset=Dataset.from_list(self.dataset.validation.rows) if has_validation else None,
-            callbacks=[self.callback],
+            data_collator=collator, callbacks=[self.callback, loss_guard_callback(self.loss_guard),
+                                               *trainer_callbacks(self.config)],
         )
+
+    # options not (yet) in every TrainingConfig: read from the resolved config, else what the job asked for
+
+    def _option(self, name: str, default: Any) -> Any:
+        config = getattr(self, "config", None)
+        if config is not None and hasattr(config, name):
+            return getattr(config, name)
+        value = self.requested.get(name, default)
+        return default if value is None else value
+
+    def _dtype_name(self) -> str:
+        if self.device != "cuda":
+            return "float32"
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+    def _gradient_checkpointing(self) -> bool:
+        wanted = self._option("gradient_checkpointing", "auto")
+        if wanted in ("auto", None):
+            return self.device == "cuda"  # memory is what a GPU lacks; a CPU run has RAM and wants speed
+        return wanted not in (False, "false")
+
+    def _target_modules(self) -> tuple[str, ...]:
+        chosen = self._option("target_modules", None)
+        if chosen in (None, "all-linear", "auto"):
+            return tuple(self.spec.family.target_modules)
+        return tuple(chosen)
 
     # training --------------------------------------------------------------
 
     def train(self) -> None:
+        """Train to the end; on CUDA out-of-memory, retry once with half the micro-batch if allowed."""
+        try:
+            self._train_once()
+        except Exception as exc:  # noqa: BLE001 - only CUDA OOM is handled, everything else re-raised
+            if not is_out_of_memory(exc):
+                raise
+            smaller = halve_micro_batch(self.config.batch_size, self.config.gradient_accumulation_steps)
+            if not self._option("oom_retry", False) or smaller is None:
+                raise TrainingFailed(self._oom_message(smaller), code="out_of_memory") from exc
+            self._retry_smaller(*smaller)
+            try:
+                self._train_once()
+            except Exception as again:  # noqa: BLE001
+                if is_out_of_memory(again):
+                    raise TrainingFailed(self._oom_message(None), code="out_of_memory") from again
+                raise
+
+    def _oom_message(self, smaller: tuple[int, int] | None) -> str:
+        config = self.config
+        if smaller is None:
+            advice = ("set quantization 4bit, gradient_checkpointing true or a shorter max_seq_len, "
+                      "or run on a GPU with more memory")
+        else:
+            advice = (f"set batch_size {smaller[0]} and gradient_accumulation_steps {smaller[1]} (the same "
+                      f"effective batch), or enable hyperparameters.oom_retry to let afina retry that once")
+        return (f"CUDA ran out of memory at batch_size {config.batch_size} × {config.max_seq_len} tokens with "
+                f"the {self.backend} backend; {advice}")
+
+    def _retry_smaller(self, batch_size: int, gradient_accumulation_steps: int) -> None:
+        """Free the failed run, then rebuild it with the same effective batch from the newest checkpoint."""
+        import gc
+
+        import torch
+
+        self.context.event(f"CUDA out of memory at batch_size {self.config.batch_size}: retrying once with "
+                           f"batch_size {batch_size} and gradient_accumulation_steps {gradient_accumulation_steps}",
+                           level="warn")
+        self.trainer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = {**self.config.public(), "batch_size": batch_size,
+                   "gradient_accumulation_steps": gradient_accumulation_steps, "save_steps": self.config.save_steps}
+        self.config = resolve_hyperparameters(smaller, len(self.train_rows), self.spec.context_length)
+        self._publish_config(self.config)
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+        self.output_dir.mkdir(parents=True)
+        self.resume_dir = self.load_checkpoint()
+        self.trainer = self._setup_trainer()
+
+    def _train_once(self) -> None:
         steps = self.config.total_steps
-        self.context.event(f"Training {self.spec.id} with LoRA r={self.config.lora_r} on {self.device}: "
-                           f"{steps} step(s), {self.config.n_epochs} epoch(s), batch size {self.config.batch_size}")
+        packed = " (packed)" if self._option("packing", False) else ""
+        self.context.event(f"Training {self.spec.id} with LoRA r={self.config.lora_r} on {self.device} "
+                           f"({self.backend} backend): {steps} step(s), {self.config.n_epochs} epoch(s), "
+                           f"batch size {self.config.batch_size}{packed}")
         started = time.monotonic()
         self.trainer.train(resume_from_checkpoint=str(self.resume_dir) if self.resume_dir else None)
         if self.callback.cancelled:
             raise JobCancelled(self.context.job_id)
+        if self.callback.draining:
+            raise WorkerDraining(self.context.job_id)
         state = self.trainer.state
         seconds = time.monotonic() - started
         per_step = sorted(self.callback.step_seconds)
         median = per_step[len(per_step) // 2] if per_step else 0.0
         log_event(log, "train.finished", job_id=self.context.job_id, steps=state.global_step,
-                  seconds=round(seconds, 2), median_step_s=round(median, 3))
+                  seconds=round(seconds, 2), median_step_s=round(median, 3), backend=self.backend)
         self.context.event(f"Training finished at step {state.global_step} in {seconds:.1f} s "
                            f"(median {median:.2f} s a step)")
 
@@ -301,19 +437,26 @@ class LoRAFinetuneRecipe:
         self.context.event(f"Adapter saved ({state.num_input_tokens_seen:,} tokens trained)")
 
     def save_report(self) -> None:
-        """The Markdown report and the metrics JSONL under ``jobs/<id>/report/``."""
+        """The report (Markdown, HTML, chart PNGs), step CSV and metrics JSONL files under ``jobs/<id>/report/``,
+        published as the job's result files."""
+        from afina.trainer.metrics_files import HARDWARE_METRICS_FILE, TRAINING_METRICS_FILE
+        from afina.trainer.monitor import describe_hardware
+
+        self.callback.close()  # the last hardware sample: the report reads the files the callback wrote
         state = self.trainer.state
-        records = metric_records(state.log_history)
-        report = render_report(
-            job_id=self.context.job_id, base_model=self.spec.id, device=self.device, config=self.config.public(),
+        facts = RunFacts(
+            job_id=self.context.job_id, base_model=self.spec.id, backend=self.backend, device=self.device,
+            config=self.config.public(), manifest=self.dataset.manifest,
             dataset={"train": self.dataset.train.summary(), "validation": self.dataset.validation.summary()},
-            records=records, global_step=state.global_step, trained_tokens=int(state.num_input_tokens_seen),
-            wall_seconds=time.monotonic() - self.started, resumed_from=self.resumed_from)
+            log_history=state.log_history, global_step=state.global_step, max_steps=state.max_steps,
+            trained_tokens=int(state.num_input_tokens_seen), wall_seconds=time.monotonic() - self.started,
+            resumed_from=self.resumed_from, hardware=describe_hardware())
+        files = build_report(facts, self.callback.files.read_bytes(TRAINING_METRICS_FILE),
+                             self.callback.files.read_bytes(HARDWARE_METRICS_FILE))
         prefix = f"{job_prefix(self.context.job_id)}/report"
         store = self.runtime.store
-        store.put_bytes(f"{prefix}/metrics.jsonl", metrics_jsonl(records))
-        published = [("step_metrics.csv", store.put_bytes(f"{prefix}/step_metrics.csv", step_metrics_csv(records))),
-                     ("report.md", store.put_bytes(f"{prefix}/report.md", report.encode()))]
+        store.put_bytes(f"{prefix}/metrics.jsonl", metrics_jsonl(metric_records(state.log_history)))
+        published = [(name, store.put_bytes(f"{prefix}/{name}", data)) for name, data in files.items()]
         # result_files, as OpenAI's API has them: downloadable with GET /v1/files/{id}/content
         with self.runtime.db.session() as session:
             file_ids = [repo.add_result_file(session, self.context.tenant_id, object_key=info.key, filename=name,
@@ -321,6 +464,9 @@ class LoRAFinetuneRecipe:
         self.context.update(result_files=file_ids)
 
     def cleanup(self) -> None:
+        callback = getattr(self, "callback", None)
+        if callback is not None:
+            callback.close()  # a last hardware sample (memory at a crash) and the metrics files' final upload
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 

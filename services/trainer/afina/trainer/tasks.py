@@ -6,6 +6,14 @@ from celery import shared_task
 
 from afina.core.queue.jobs import run_stage
 from afina.core.queue.names import TASK_TRAIN
+from afina.core.settings import Settings
+
+
+def warm_up(settings: Settings) -> None:
+    """Called by the worker in each new pool process (``worker_preload``): imports a job's libraries."""
+    from afina.trainer.warmup import warm_up as preload
+
+    preload(settings)
 
 
 @shared_task(name=TASK_TRAIN, bind=True)

@@ -19,6 +19,22 @@ def dataset_prefix(tenant_id: str, training_file: str, validation_file: str | No
     return f"datasets/{tenant_id}/{source}"
 
 
+def dataset_version_prefix(tenant_id: str, version_id: str) -> str:
+    """One processed version of one upload: its key derives from the raw bytes, the options and the tokenizer."""
+    return f"datasets/{tenant_id}/{version_id}"
+
+
+# what an ingest run writes under its version prefix; ``manifest.json`` last, as the commit marker
+INGEST_MANIFEST = "manifest.json"
+INGEST_ARTIFACTS: dict[str, tuple[str, str]] = {  # name -> (object name, media type)
+    "report": ("report.jsonl", "application/x-ndjson"),
+    "stats": ("stats.json", "application/json"),
+    "preview": ("preview.txt", "text/plain; charset=utf-8"),
+    "preview_html": ("preview.html", "text/html; charset=utf-8"),
+    "token_lengths_png": ("token_lengths.png", "image/png"),
+}
+
+
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 

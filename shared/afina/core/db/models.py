@@ -52,6 +52,12 @@ class File(Base):
     object_key: Mapped[str] = mapped_column(String(1024))
     status: Mapped[str] = mapped_column(String(32), default="processed")
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # ingest (purpose fine-tune): the options sent with the upload, OpenAI's status_details on error,
+    # the dataset version it produced, and progress/counts/issue summary while and after it runs
+    ingest_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    dataset_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    ingest_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Job(Base):

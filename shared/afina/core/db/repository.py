@@ -56,9 +56,13 @@ def authenticate(session: Session, api_key: str | None) -> str:
 
 # files ----------------------------------------------------------------------
 
-def get_file(session: Session, tenant_id: str, file_id: str) -> File:
-    row = session.get(File, file_id)
-    if row is None or row.tenant_id != tenant_id:
+def get_file(session: Session, tenant_id: str | None, file_id: str, *, for_update: bool = False) -> File:
+    """A file by id; with ``tenant_id`` None the caller is a worker and sees every tenant."""
+    if for_update:
+        row = session.scalars(select(File).where(File.id == file_id).with_for_update()).first()
+    else:
+        row = session.get(File, file_id)
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"no such file: {file_id}", param="file_id")
     return row
 

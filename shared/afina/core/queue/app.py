@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from celery import Celery
 
-from afina.core.queue.names import QUEUE_INGEST, STAGE_TASKS
+from afina.core.queue.names import QUEUE_INGEST, STAGE_TASKS, TASK_INGEST_FILE
 from afina.core.settings import Settings
 
 
@@ -42,7 +45,26 @@ def create_celery_app(settings: Settings, include: list[str] | None = None) -> C
     return app
 
 
+SENT_AT_HEADER = "afina_sent_at"  # epoch seconds the message was sent: the worker measures queue wait from it
+
+
 def enqueue_stage(app: Celery, stage: str, job_id: str) -> None:
     """Send the message that moves ``job_id`` through ``stage``; safe to send twice (leases dedupe)."""
     task_name, queue = STAGE_TASKS[stage]
-    app.send_task(task_name, args=[job_id], queue=queue)
+    app.send_task(task_name, args=[job_id], queue=queue, headers={SENT_AT_HEADER: time.time()})
+
+
+def message_sent_at(request: Any, header: str = SENT_AT_HEADER) -> float | None:
+    """The send time stamped on a task's message (``task.request``), or None for a message without one."""
+    value = getattr(request, header, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(header)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def enqueue_file_ingest(app: Celery, file_id: str) -> None:
+    """Send the message that ingests an uploaded file; safe to send twice (the result is content-addressed)."""
+    app.send_task(TASK_INGEST_FILE, args=[file_id], queue=QUEUE_INGEST)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -23,8 +24,9 @@ from afina.core.db import repository as repo
 from afina.core.db.models import Job
 from afina.core.errors import AfinaError
 from afina.core.logging import log_event
-from afina.core.metrics import JOB_STAGE_SECONDS, JOBS_FINISHED, LEASES_RECOVERED
+from afina.core.metrics import JOB_STAGE_SECONDS, JOBS_FINISHED, LEASES_RECOVERED, set_job_phase
 from afina.core.queue.app import enqueue_stage
+from afina.core.queue.drain import WorkerDraining, drain_requested
 from afina.core.runtime import Runtime
 
 log = logging.getLogger("afina.jobs")
@@ -48,6 +50,11 @@ class JobContext:
     stage: str
     owner: str
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # the cancel flag is read from the database at most this often; a training loop asks every step
+    cancel_poll_s: float = 0.5
+    _cancel_checked_at: float = field(default=-1e9, init=False, repr=False)
+    _cancel_seen: bool = field(default=False, init=False, repr=False)
+    _writer: _EventWriter | None = field(default=None, init=False, repr=False)
 
     def snapshot(self) -> Job:
         """A fresh, detached copy of the job row."""
@@ -56,8 +63,32 @@ class JobContext:
 
     def event(self, message: str, *, level: str = "info", event_type: str = "message",
               data: dict[str, Any] | None = None) -> None:
+        """Record an event now (after any queued by ``event_nowait``, so events stay in order)."""
+        self.flush_events()
         with self.runtime.db.session() as session:
             repo.add_event(session, self.job_id, message, level=level, event_type=event_type, data=data)
+
+    def event_nowait(self, message: str, *, level: str = "info", event_type: str = "message",
+                     data: dict[str, Any] | None = None) -> None:
+        """Queue an event for a background writer: a training step never waits on the database.
+
+        Events are written in the order they were queued, each with its sequence number taken when
+        it is written, so a reader resuming after an event id never misses an earlier-queued one.
+        """
+        if self._writer is None:
+            self._writer = _EventWriter(self)
+            self._writer.start()
+        self._writer.put((message, level, event_type, data))
+
+    def flush_events(self) -> None:
+        """Wait until every queued event is in the database."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close_events(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def update(self, **values: Any) -> None:
         """Set columns of the job row (only while holding the lease)."""
@@ -73,15 +104,67 @@ class JobContext:
                 repo.set_status(session, job, status, message=message)
 
     def check_continue(self) -> None:
-        """Raise ``LeaseLost`` or ``JobCancelled`` if the stage must stop now."""
+        """Raise ``LeaseLost``, ``JobCancelled`` or ``WorkerDraining`` if the stage must stop now."""
         if self.lease_lost.is_set():
             raise LeaseLost(self.job_id)
         if self.cancel_requested():
             raise JobCancelled(self.job_id)
+        if drain_requested(self.runtime.settings):
+            raise WorkerDraining(self.job_id)
 
     def cancel_requested(self) -> bool:
+        """The job's cancel flag, read from the database at most every ``cancel_poll_s`` seconds."""
+        if self._cancel_seen:
+            return True
+        now = time.monotonic()
+        if now - self._cancel_checked_at < self.cancel_poll_s:
+            return False
+        self._cancel_checked_at = now
         with self.runtime.db.session() as session:
-            return bool(repo.get_job(session, None, self.job_id).cancel_requested)
+            self._cancel_seen = bool(repo.get_job(session, None, self.job_id).cancel_requested)
+        return self._cancel_seen
+
+
+class _EventWriter(threading.Thread):
+    """Writes a context's queued events in order, batching what piled up into one transaction."""
+
+    def __init__(self, context: JobContext) -> None:
+        super().__init__(name=f"events-{context.job_id}", daemon=True)
+        self.context = context
+        self.pending: queue.Queue[tuple[str, str, str, dict[str, Any] | None] | None] = queue.Queue()
+
+    def put(self, item: tuple[str, str, str, dict[str, Any] | None]) -> None:
+        self.pending.put(item)
+
+    def flush(self) -> None:
+        self.pending.join()
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.join(timeout=30)
+
+    def run(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while True:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            items = [item for item in batch if item is not None]
+            try:
+                if items:
+                    with self.context.runtime.db.session() as session:
+                        for message, level, event_type, data in items:
+                            repo.add_event(session, self.context.job_id, message, level=level,
+                                           event_type=event_type, data=data)
+            except Exception:  # noqa: BLE001 - a lost progress event must never kill the training loop
+                log.exception("event write failed", extra={"job_id": self.context.job_id})
+            finally:
+                for _ in batch:
+                    self.pending.task_done()
+            if len(items) != len(batch):
+                return
 
 
 def new_owner() -> str:
@@ -134,10 +217,14 @@ def run_stage(runtime: Runtime, job_id: str, stage: str, work: Callable[[JobCont
         context.event(f"Resuming {stage} stage after an interrupted attempt")
     heartbeat = _Heartbeat(context)
     heartbeat.start()
+    set_job_phase(stage)
     started = time.monotonic()
     outcome = "succeeded"
     try:
-        next_stage = work(context)
+        try:
+            next_stage = work(context)
+        finally:
+            context.close_events()  # queued progress events land before the stage's outcome is recorded
         if context.lease_lost.is_set():
             raise LeaseLost(job_id)
         with runtime.db.session() as session:
@@ -151,6 +238,14 @@ def run_stage(runtime: Runtime, job_id: str, stage: str, work: Callable[[JobCont
         else:
             JOBS_FINISHED.labels(status="succeeded").inc()
         return "done"
+    except WorkerDraining:
+        # the stage checkpointed and stopped because this worker is shutting down: give the job back now
+        outcome = "drained"
+        with runtime.db.session() as session:
+            repo.release_lease(session, job_id, owner)
+        enqueue_stage(runtime.celery, stage, job_id)
+        log_event(log, "stage.drained", job_id=job_id, stage=stage)
+        return "drained"
     except LeaseLost:
         outcome = "lease_lost"
         log_event(log, "stage.lease_lost", logging.WARNING, job_id=job_id, stage=stage)
@@ -173,6 +268,7 @@ def run_stage(runtime: Runtime, job_id: str, stage: str, work: Callable[[JobCont
         return "failed"
     finally:
         heartbeat.stopped.set()
+        set_job_phase("idle")
         JOB_STAGE_SECONDS.labels(stage=stage, outcome=outcome).observe(time.monotonic() - started)
 
 

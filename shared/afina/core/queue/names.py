@@ -9,6 +9,7 @@ QUEUE_EXPORT = "export"
 TASK_PREPARE_DATASET = "afina.ingest.prepare_dataset"
 TASK_TRAIN = "afina.trainer.train"
 TASK_EXPORT = "afina.exporter.export"
+TASK_INGEST_FILE = "afina.ingest.ingest_file"  # an uploaded fine-tune file, before any job uses it
 
 # which task and queue carry a job in each stage (used to enqueue and to recover)
 STAGE_TASKS: dict[str, tuple[str, str]] = {

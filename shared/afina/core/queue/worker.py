@@ -8,14 +8,27 @@ name, so services never import each other.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+import time
 
-from celery.signals import worker_process_init, worker_ready
+# tasks run in prefork children, the metrics port is served by the parent: prometheus_client shares
+# values through files in this folder, and must see it before anything imports it
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _METRICS_DIR = tempfile.mkdtemp(prefix="afina-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR
+    _CREATOR_PID = os.getpid()
+    atexit.register(lambda: os.getpid() == _CREATOR_PID and shutil.rmtree(_METRICS_DIR, ignore_errors=True))
 
-from afina.core.logging import configure_logging
-from afina.core.queue.names import SERVICE_TASK_MODULES
-from afina.core.runtime import Runtime
-from afina.core.settings import get_settings
+from celery import Task  # noqa: E402
+from celery.signals import task_prerun, worker_process_init, worker_ready, worker_shutting_down  # noqa: E402
+
+from afina.core.logging import configure_logging  # noqa: E402
+from afina.core.queue.names import SERVICE_TASK_MODULES, STAGE_TASKS  # noqa: E402
+from afina.core.runtime import Runtime  # noqa: E402
+from afina.core.settings import get_settings  # noqa: E402
 
 
 def _services() -> list[str]:
@@ -33,10 +46,21 @@ runtime = Runtime(settings, include_tasks=[SERVICE_TASK_MODULES[name] for name i
 app = runtime.celery
 
 
+@worker_shutting_down.connect
+def _drain_running_stages(**_kwargs: object) -> None:
+    """SIGTERM/SIGINT: running stages checkpoint and hand their jobs back instead of being killed later."""
+    from afina.core.queue.drain import request_drain
+
+    request_drain(settings)
+
+
 @worker_ready.connect
 def _start_recovery(**_kwargs: object) -> None:
     from afina.core.metrics import serve_metrics
+    from afina.core.queue.drain import clear_drain
     from afina.core.queue.jobs import start_recovery_loop
+
+    clear_drain(settings)
 
     runtime.db  # migrate before the first task  # noqa: B018
     start_recovery_loop(runtime)
@@ -46,5 +70,35 @@ def _start_recovery(**_kwargs: object) -> None:
 @worker_process_init.connect
 def _fresh_connections(**_kwargs: object) -> None:
     """A forked pool child must not share the parent's database connections."""
+    from afina.core.metrics import set_job_phase
+
     if "db" in runtime.__dict__:
         runtime.db.engine.dispose(close=False)
+    set_job_phase("idle")
+    if settings.worker_preload:
+        _warm_up_services()
+
+
+def _warm_up_services() -> None:
+    """Let each service's task module import its heavy libraries now (``warm_up(settings)``, if it has one),
+    so the first job does not pay for them; the pool process keeps them for every later job."""
+    import importlib
+
+    for name in _services():
+        hook = getattr(importlib.import_module(SERVICE_TASK_MODULES[name]), "warm_up", None)
+        if hook is not None:
+            hook(settings)
+
+
+_STAGE_OF_TASK = {task_name: stage for stage, (task_name, _queue) in STAGE_TASKS.items()}
+
+
+@task_prerun.connect
+def _observe_queue_wait(task: Task | None = None, **_kwargs: object) -> None:
+    """How long the message waited, from the send time ``enqueue_stage`` stamps on it."""
+    from afina.core.metrics import observe_queue_wait
+    from afina.core.queue.app import SENT_AT_HEADER, message_sent_at
+
+    stage = _STAGE_OF_TASK.get(getattr(task, "name", ""))
+    if stage is not None:
+        observe_queue_wait(stage, message_sent_at(task.request, SENT_AT_HEADER), time.time())

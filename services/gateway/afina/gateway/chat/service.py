@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from anyio import to_thread
 
-from afina.core.catalog import resolve_base_model
+from afina.core.catalog import catalog_model
 from afina.core.db import repository as repo
 from afina.core.errors import AfinaError, InferenceUnavailable, InvalidRequest, NotFound
 from afina.core.metrics import INFERENCE_TOKENS
@@ -42,10 +42,7 @@ def _artifact_key(name: str, artifacts: dict[str, Any]) -> str:
 
 
 def _resolve_sync(runtime: Runtime, files: ModelFileCache, tenant_id: str, name: str) -> ServedModel:
-    try:
-        spec = resolve_base_model(name)
-    except InvalidRequest:
-        spec = None
+    spec = catalog_model(name)  # a catalog base model; paths and store URIs name training sources, not servables
     if spec is not None:
         try:
             return ServedModel(spec.id, spec.gguf_path())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -24,7 +24,7 @@ class FileObject(BaseModel):
     @classmethod
     def from_row(cls, row: File) -> FileObject:
         return cls(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
-                   purpose=row.purpose, status=row.status)
+                   purpose=row.purpose, status=row.status, status_details=row.status_details)
 
 
 class FileList(BaseModel):
@@ -39,3 +39,35 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
+
+
+class IngestArtifacts(BaseModel):
+    """Where the ingest outputs of a file can be downloaded (paths under the API's base URL)."""
+
+    report: str
+    stats: str
+    preview: str
+    token_lengths_png: str
+
+
+class IngestStatus(BaseModel):
+    """How a fine-tune file's ingest went: status, progress while it runs, counts and issues when done.
+
+    ``status`` is the file's (``uploaded`` while ingest runs or waits, ``processed``, ``error``);
+    ``issues`` counts report lines by rule and action; ``first_errors`` names the first error rows
+    (file, line, field, rule) of a file that failed.
+    """
+
+    object: Literal["file.ingest"] = "file.ingest"
+    file_id: str
+    status: str
+    status_details: str | None = None
+    options: dict[str, Any] | None = None
+    dataset_version: str | None = None
+    progress: dict[str, Any] | None = None
+    counts: dict[str, Any] | None = None
+    splits: dict[str, int] | None = None
+    issues: dict[str, dict[str, int]] | None = None
+    first_errors: list[dict[str, Any]] | None = None
+    stats: dict[str, Any] | None = None
+    artifacts: IngestArtifacts

@@ -7,17 +7,29 @@ is written first, and removed again if the row cannot be committed.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
 
 from afina.core import ids
+from afina.core.catalog import resolve_base_model
 from afina.core.datasets.layout import raw_file_key
+from afina.core.datasets.options import IngestOptions
+from afina.core.datasets.sniff import UploadSniffer, check_archive
 from afina.core.db import repository as repo
 from afina.core.db.models import File
 from afina.core.errors import InvalidRequest
+from afina.core.logging import log_event
 from afina.core.metrics import FILES_UPLOADED_BYTES
+from afina.core.queue.app import enqueue_file_ingest
 from afina.core.runtime import Runtime
 from afina.gateway.files.protocol import FILE_PURPOSES, FileList, FileObject
 from afina.gateway.files.upload import SpooledUpload
+
+log = logging.getLogger("afina.gateway")
+OPTIONS_FIELD = "ingest_options"
 
 
 def check_purpose(fields: dict[str, str], *, required: bool) -> None:
@@ -32,21 +44,82 @@ def check_purpose(fields: dict[str, str], *, required: bool) -> None:
                              param="purpose")
 
 
-def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload) -> FileObject:
-    """Move a checked upload into the store and register it; the sha256 is the store's own."""
+def parse_ingest_options(text: str) -> IngestOptions:
+    """The ``ingest_options`` form field (JSON of ``IngestOptions``); a 400 naming the bad field otherwise."""
+    try:
+        options = IngestOptions.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first.get("loc", ()))
+        param = f"{OPTIONS_FIELD}.{location}" if location else OPTIONS_FIELD
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            message = f"not valid JSON ({first.get('ctx', {}).get('error', message)})"
+        more = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        raise InvalidRequest(f"Invalid '{param}': {message}.{more}", param=param) from None
+    if options.base_model is not None:
+        try:
+            resolve_base_model(options.base_model)
+        except InvalidRequest as exc:
+            raise InvalidRequest(exc.message, param=f"{OPTIONS_FIELD}.base_model", code=exc.code) from None
+    return options
+
+
+class UploadForm:
+    """The small form fields of an upload, read as they stream in.
+
+    ``ingest_options`` sent before the file lets the sniffer use them (an explicit
+    ``container``); sent after it, they are still validated before anything is stored.
+    """
+
+    def __init__(self) -> None:
+        self.options: IngestOptions | None = None
+        self.sniffer: UploadSniffer | None = None
+
+    def before_file(self, fields: dict[str, str]) -> None:
+        check_purpose(fields, required=False)
+        if OPTIONS_FIELD in fields:
+            self.options = parse_ingest_options(fields[OPTIONS_FIELD])
+
+    def checker(self, filename: str) -> UploadSniffer:
+        self.sniffer = UploadSniffer(filename, self.options)
+        return self.sniffer
+
+    def final_options(self, fields: dict[str, str]) -> IngestOptions | None:
+        if self.options is None and OPTIONS_FIELD in fields:
+            self.options = parse_ingest_options(fields[OPTIONS_FIELD])
+        return self.options
+
+
+def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, options: IngestOptions | None = None,
+                 container: str | None = None) -> FileObject:
+    """Move a checked upload into the store, register it, and queue its ingest; the sha256 is the store's own.
+
+    A fine-tune file starts ``uploaded`` and becomes ``processed`` or ``error`` when the ingest
+    worker is done with it. A ZIP's members are checked before anything is stored.
+    """
     check_purpose(upload.fields, required=True)
+    if container == "zip":
+        check_archive(upload.path, upload.filename, max_expanded_bytes=runtime.settings.max_archive_expanded_bytes)
     file_id = ids.file_id()
     key = raw_file_key(tenant_id, file_id, upload.filename)
+    stored_options: dict[str, Any] | None = (options.model_dump(mode="json", exclude_unset=True)
+                                             if options is not None else None)
     info = runtime.store.put_file(key, upload.path)
     try:
         with runtime.db.session() as session:
             row = File(id=file_id, tenant_id=tenant_id, filename=upload.filename, purpose=upload.fields["purpose"],
-                       bytes=info.size, sha256=info.sha256 or "", object_key=key, status="processed")
+                       bytes=info.size, sha256=info.sha256 or "", object_key=key, status="uploaded",
+                       ingest_options=stored_options, ingest_state={"state": "queued"})
             session.add(row)
     except BaseException:
         runtime.store.delete(key)
         raise
     FILES_UPLOADED_BYTES.inc(info.size)
+    try:
+        enqueue_file_ingest(runtime.celery, file_id)
+    except Exception as exc:  # the file is kept: a job using it runs the same ingest itself
+        log_event(log, "file.enqueue_failed", logging.WARNING, file_id=file_id, error=type(exc).__name__)
     return FileObject.from_row(row)
 
 

@@ -3,8 +3,8 @@
 Starlette's form parser spools a file of any size to disk before the route runs,
 so a size limit could only be checked afterwards. This reader parses
 ``multipart/form-data`` straight off the request stream instead: the file part is
-fed to a checker (``JsonlSniffer``) and a temp file as it arrives, and the upload
-stops at ``max_bytes`` or at the first sign that it is not JSONL.
+fed to a checker (``UploadSniffer``) and a temp file as it arrives, and the upload
+stops at ``max_bytes`` or at the first sign that it is no dataset afina reads.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ except ModuleNotFoundError:  # python-multipart < 0.0.13
 
 FLUSH_BYTES = 1024 * 1024
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and small fields around the file
-MAX_FIELD_BYTES = 4096
+MAX_FIELD_BYTES = 64 * 1024  # ingest_options (templates, a system prompt) can be a few KB
 DRAIN_BYTES = 16 * 1024 * 1024  # read (and drop) this much of a refused body so the client sees the answer
 
 

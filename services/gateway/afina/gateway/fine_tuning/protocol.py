@@ -5,61 +5,23 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from afina.core.training import OPENAI_KEYS
 
 SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
-HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
+HYPERPARAMETER_NAMES = OPENAI_KEYS  # what the job object shows, as OpenAI's does
 ItemT = TypeVar("ItemT")
-
-
-def _auto_or_positive(kind: type, upper: float) -> Any:
-    """A validator for ``"auto"`` or a number in (0, upper]; integers only when ``kind`` is int."""
-
-    def validate(value: Any) -> Any:
-        if value == "auto":
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"must be 'auto' or a positive {kind.__name__}")
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("must be 'auto' or a positive integer")
-            value = int(value)
-        if not 0 < value <= upper:
-            raise ValueError(f"must be 'auto' or a number greater than 0 and at most {upper:g}")
-        return value
-
-    schema = {"anyOf": [{"const": "auto"}, {"type": "integer" if kind is int else "number", "exclusiveMinimum": 0,
-                                             "maximum": upper}]}
-    return Annotated[Literal["auto"] | kind, PlainValidator(validate), WithJsonSchema(schema)]
-
-
-class Hyperparameters(BaseModel):
-    """Each value is ``"auto"`` (the trainer picks) or a positive number; unknown names are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_epochs: _auto_or_positive(int, 50) | None = None  # type: ignore[valid-type]
-    batch_size: _auto_or_positive(int, 256) | None = None  # type: ignore[valid-type]
-    learning_rate_multiplier: _auto_or_positive(float, 100) | None = None  # type: ignore[valid-type]
-    # afina's extras (LLaMA-Factory/Axolotl names); the trainer documents their defaults
-    lora_r: Annotated[int, Field(gt=0, le=1024)] | None = None
-    lora_alpha: Annotated[int, Field(gt=0, le=4096)] | None = None
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
-    max_seq_len: Annotated[int, Field(ge=16, le=131072)] | None = None
-    save_steps: Annotated[int, Field(gt=0)] | None = None
-    logging_steps: Annotated[int, Field(gt=0)] | None = None
-    max_steps: Annotated[int, Field(gt=0)] | None = None
-    gradient_accumulation_steps: Annotated[int, Field(gt=0, le=1024)] | None = None
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = None
 
 
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hyperparameters: Hyperparameters | None = None
+    # validated by the service with afina.core.training's TrainingSpec (so errors name their source)
+    hyperparameters: dict[str, Any] | None = None
 
 
 class Method(BaseModel):
@@ -80,7 +42,9 @@ class CreateJobRequest(BaseModel):
     suffix: str | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, str] | None = None
-    hyperparameters: Hyperparameters | None = None
+    # afina.core.training.TrainingSpec (configs/schema/training.schema.json), checked by
+    # service.merge_hyperparameters: OpenAI's three plus afina's extras, each error naming hyperparameters.<field>
+    hyperparameters: dict[str, Any] | None = None
     method: Method | None = None
     integrations: list[Any] | None = None
 

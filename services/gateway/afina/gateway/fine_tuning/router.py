@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
 
 from afina.gateway.deps import RuntimeDep, TenantDep
-from afina.gateway.fine_tuning import service
+from afina.gateway.fine_tuning import event_stream, service
 from afina.gateway.fine_tuning.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, Page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("")
@@ -36,10 +38,19 @@ def cancel_job(job_id: str, runtime: RuntimeDep, tenant: TenantDep) -> FineTunin
     return service.cancel_job(runtime, tenant, job_id)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_model=Page[JobEvent])
 def list_events(job_id: str, runtime: RuntimeDep, tenant: TenantDep, after: str | None = None,
-                limit: Limit = 20) -> Page[JobEvent]:
-    return service.list_events(runtime, tenant, job_id, after, limit)
+                limit: Limit = 20, stream: bool = False,
+                last_event_id: Annotated[str | None, Header()] = None) -> Page[JobEvent] | StreamingResponse:
+    """A page of events, newest first; with ``stream=true``, every event oldest first as Server-Sent Events,
+    following the job until it ends (``Last-Event-ID`` resumes after that event)."""
+    if not stream:
+        return service.list_events(runtime, tenant, job_id, after, limit)
+    start = event_stream.open_stream(runtime, tenant, job_id, last_event_id)
+    settings = runtime.settings
+    body = event_stream.event_stream(runtime, start, poll_s=settings.events_poll_s,
+                                     keepalive_s=settings.events_keepalive_s)
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.get("/{job_id}/checkpoints")

@@ -13,7 +13,8 @@ import secrets
 from typing import Any
 
 from afina.core import ids
-from afina.core.catalog import resolve_base_model
+from afina.core.catalog import StoreSource, resolve_base_model
+from afina.core.catalog.sources import STORE_SCHEME, parse_model_reference
 from afina.core.db import repository as repo
 from afina.core.db.models import Checkpoint, Job, JobEvent
 from afina.core.errors import InvalidRequest, NotFound, QueueUnavailable
@@ -21,6 +22,7 @@ from afina.core.logging import log_event
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
 from afina.core.queue.app import enqueue_stage
 from afina.core.runtime import Runtime
+from afina.core.training import check_max_seq_len, parse_training_spec
 from afina.gateway.fine_tuning.protocol import (
     HYPERPARAMETER_NAMES,
     CreateJobRequest,
@@ -33,21 +35,45 @@ from afina.gateway.fine_tuning.protocol import JobEvent as JobEventObject
 
 log = logging.getLogger("afina.gateway")
 SUPPORTED_METHODS = ("supervised",)
+METHOD_PREFIX = "method.supervised.hyperparameters"
+SHARED_BASE_MODELS_PREFIX = "base-models/"
 
 
 def merge_hyperparameters(request: CreateJobRequest) -> dict[str, Any]:
-    """The deprecated top-level ``hyperparameters`` overlaid by ``method.supervised.hyperparameters``;
-    every name is present, ``"auto"`` where nobody chose."""
+    """The deprecated top-level ``hyperparameters`` overlaid by ``method.supervised.hyperparameters``, checked
+    with ``TrainingSpec`` (a 400 naming the field, e.g. ``hyperparameters.lora_r``); every OpenAI name is
+    present, ``"auto"`` where nobody chose, and afina's extras only where the user set them."""
     if request.method is not None and request.method.type not in SUPPORTED_METHODS:
         raise InvalidRequest(f"Invalid 'method.type': {request.method.type!r}; afina supports "
                              f"{list(SUPPORTED_METHODS)} fine-tuning.", param="method.type")
-    merged: dict[str, Any] = {name: "auto" for name in HYPERPARAMETER_NAMES}
-    if request.hyperparameters is not None:
-        merged.update(request.hyperparameters.model_dump(exclude_none=True))
+    merged: dict[str, Any] = parse_training_spec(request.hyperparameters).requested()
     supervised = request.method.supervised if request.method is not None else None
     if supervised is not None and supervised.hyperparameters is not None:
-        merged.update(supervised.hyperparameters.model_dump(exclude_none=True))
-    return merged
+        merged.update(parse_training_spec(supervised.hyperparameters, METHOD_PREFIX).requested())
+    # rules between fields (e.g. gradient_checkpointing vs backend) hold on the merged set
+    return {**{name: "auto" for name in HYPERPARAMETER_NAMES}, **parse_training_spec(merged).requested()}
+
+
+def _job_seed(request: CreateJobRequest, hyperparameters: dict[str, Any]) -> int:
+    """The top-level ``seed``, else ``hyperparameters.seed`` (a config file's), else a random one."""
+    config_seed = hyperparameters.get("seed")
+    if request.seed is not None and config_seed is not None and request.seed != config_seed:
+        raise InvalidRequest(f"seed={request.seed} and hyperparameters.seed={config_seed} disagree; give one",
+                             param="hyperparameters.seed")
+    if request.seed is not None:
+        return request.seed
+    return config_seed if config_seed is not None else secrets.randbelow(2**31)
+
+
+def _check_model_access(model: str, tenant_id: str) -> None:
+    """A ``store://`` base model is the tenant's own (``models/<tenant>/``) or an operator's (``base-models/``)."""
+    if not model.startswith(STORE_SCHEME):
+        return
+    source = parse_model_reference(model)
+    allowed = (f"models/{tenant_id}/", SHARED_BASE_MODELS_PREFIX)
+    if not isinstance(source, StoreSource) or not source.prefix.startswith(allowed):
+        raise InvalidRequest(f"model {model!r}: a store base model must be under store://models/{tenant_id}/ "
+                             f"or store://{SHARED_BASE_MODELS_PREFIX}", param="model")
 
 
 def _check_file(session: Any, tenant_id: str, file_id: str, param: str) -> None:
@@ -60,20 +86,50 @@ def _check_file(session: Any, tenant_id: str, file_id: str, param: str) -> None:
     if row.purpose != "fine-tune":
         raise InvalidRequest(f"invalid {param}: {file_id} has purpose {row.purpose!r}, not 'fine-tune'",
                              param=param, code="invalid_file")
+    if row.status == "error":  # ingest already refused it: say why now, not in a failed job later
+        raise InvalidRequest(f"invalid {param}: {file_id} failed ingest: {row.status_details} "
+                             f"(GET /v1/files/{file_id}/ingest/report lists every problem)", param=param,
+                             code="invalid_file")
+
+
+def _fine_tuned_parent(runtime: Runtime, tenant_id: str, model: str) -> Any:
+    """The tenant's fine-tuned model a job continues from (OpenAI: ``model`` may be an ``ft:`` model), or None."""
+    if not model.startswith("ft:"):
+        return None
+    with runtime.db.session() as session:
+        parent = repo.get_model(session, tenant_id, model)
+    if parent is None:
+        raise InvalidRequest(f"model {model!r} is not one of your fine-tuned models; GET /v1/models lists them",
+                             param="model", code="model_not_found")
+    return parent
+
+
+def _method(hyperparameters: dict[str, Any], parent: Any) -> dict[str, Any]:
+    supervised: dict[str, Any] = {"hyperparameters": hyperparameters}
+    if parent is not None:
+        # the trainer starts from this job's LoRA adapter instead of a fresh one
+        supervised["init_from"] = {"model": parent.name, "job_id": parent.job_id}
+    return {"type": "supervised", "supervised": supervised}
 
 
 def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> FineTuningJob:
-    spec = resolve_base_model(request.model)
+    """Check everything the request says (model, hyperparameters, files) before a row is written."""
     hyperparameters = merge_hyperparameters(request)
+    _check_model_access(request.model, tenant_id)  # before the store is read for the model's files
+    parent = _fine_tuned_parent(runtime, tenant_id, request.model)
+    base_model = parent.base_model if parent is not None else request.model
+    spec = resolve_base_model(base_model, chat_family=hyperparameters.get("chat_family"), store=runtime.store)
+    check_max_seq_len(parse_training_spec(hyperparameters).max_seq_len, spec.context_length)
+    seed = _job_seed(request, hyperparameters)
     with runtime.db.session() as session:
         _check_file(session, tenant_id, request.training_file, "training_file")
         if request.validation_file:
             _check_file(session, tenant_id, request.validation_file, "validation_file")
         job = Job(id=ids.job_id(), tenant_id=tenant_id, model=spec.id, training_file=request.training_file,
                   validation_file=request.validation_file, suffix=request.suffix,
-                  seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+                  seed=seed,
                   hyperparameters=hyperparameters,
-                  method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+                  method=_method(hyperparameters, parent),
                   user_metadata=request.metadata, status="validating_files", stage="ingest")
         session.add(job)
         session.flush()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from afina.core.catalog import CATALOG, BaseModelSpec, resolve_base_model
+from afina.core.catalog import CATALOG, BaseModelSpec, catalog_model
 from afina.core.db import repository as repo
-from afina.core.errors import AfinaError, InvalidRequest, NotFound
+from afina.core.errors import AfinaError, NotFound
 from afina.core.runtime import Runtime
 from afina.gateway.models.protocol import ModelList, ModelObject
 
@@ -32,10 +32,9 @@ def list_models(runtime: Runtime, tenant_id: str) -> ModelList:
 
 
 def get_model(runtime: Runtime, tenant_id: str, name: str) -> ModelObject:
-    try:
-        return base_model_object(resolve_base_model(name))
-    except InvalidRequest:
-        pass
+    spec = catalog_model(name)  # only catalog models are listed and served; paths and URIs are for training
+    if spec is not None:
+        return base_model_object(spec)
     with runtime.db.session() as session:
         row = repo.get_model(session, tenant_id, name)
     if row is None:
