@@ -10,8 +10,9 @@ downloading the newest one and resuming optimizer, scheduler, RNG and step from
 it. The adapter is committed by writing ``afina_adapter.json`` last; a stage that
 finds it skips straight to export.
 
-Backend: transformers + PEFT + TRL's ``SFTTrainer`` on any device. Unsloth on
-CUDA is the planned second backend, chosen by configuration.
+Backends (``backends/``): ``hf`` (transformers + PEFT, any device) or ``unsloth`` (CUDA), chosen by
+``hyperparameters.backend``; only the model loading differs, both train through TRL's ``SFTTrainer``
+with the same rows, callbacks and checkpoints.
 """
 
 from __future__ import annotations
