@@ -25,8 +25,8 @@ from afina.core.db import repository as repo
 from afina.core.db.models import File
 from afina.core.errors import DatasetInvalid
 from afina.core.queue.jobs import JobContext
-from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, ingest_file, read_manifest, version_key
-from afina.ingest.process_file import options_of, record_failure, record_result, source_of
+from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, read_manifest, version_key
+from afina.ingest.process_file import options_of, record_failure, record_result, run_ingest, source_of
 
 
 def job_options(row: File, model: str, role: str) -> IngestOptions:
@@ -67,13 +67,9 @@ def ensure_version(context: JobContext, row: File, options: IngestOptions, param
             context.event(f"Ingest of {row.filename}: {event.rows} rows read, {event.examples} examples kept, "
                           f"{event.issues} issue(s)", data={"ingest": event.as_dict()})
 
-    settings = runtime.settings
     own_version = version_key(source, options_of(row)) == key
     try:
-        result = ingest_file(runtime.store, source, options, work_dir=settings.resolved_work_dir / "ingest",
-                             model_cache_dir=settings.resolved_model_cache_dir,
-                             data_key=settings.data_encryption_key, progress=on_progress,
-                             progress_every=settings.ingest_progress_every, processes=settings.ingest_processes)
+        result = run_ingest(runtime, source, options, on_progress)
     except IngestFailed as exc:
         if own_version and row.status == "uploaded":
             record_failure(runtime, row.id, exc, exc.version_key)

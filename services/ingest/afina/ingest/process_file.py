@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from afina.core.datasets.options import IngestOptions
@@ -27,6 +28,17 @@ PROGRESS_MIN_INTERVAL_S = 1.0
 
 def source_of(row: File) -> IngestSource:
     return IngestSource(tenant_id=row.tenant_id, raw_key=row.object_key, filename=row.filename, sha256=row.sha256)
+
+
+def run_ingest(runtime: Runtime, source: IngestSource, options: IngestOptions,
+               progress: Callable[[IngestProgress], None]) -> IngestResult:
+    """``pipeline.ingest_file`` with this runtime's store, folders, key and worker settings: the one way both
+    the upload's own ingest and a job's ingest stage run it, so both make the same version."""
+    settings = runtime.settings
+    return ingest_file(runtime.store, source, options, work_dir=settings.resolved_work_dir / "ingest",
+                       model_cache_dir=settings.resolved_model_cache_dir, data_key=settings.data_encryption_key,
+                       progress=progress, progress_every=settings.ingest_progress_every,
+                       processes=settings.ingest_processes)
 
 
 def options_of(row: File) -> IngestOptions:
@@ -86,12 +98,8 @@ def process_uploaded_file(runtime: Runtime, file_id: str) -> str:
         last[0] = now
         _set_state(runtime, file_id, state={"progress": event.as_dict()})
 
-    settings = runtime.settings
     try:
-        result = ingest_file(runtime.store, source, options, work_dir=settings.resolved_work_dir / "ingest",
-                             model_cache_dir=settings.resolved_model_cache_dir,
-                             data_key=settings.data_encryption_key, progress=on_progress,
-                             progress_every=settings.ingest_progress_every, processes=settings.ingest_processes)
+        result = run_ingest(runtime, source, options, on_progress)
     except AfinaError as exc:
         record_failure(runtime, file_id, exc, getattr(exc, "version_key", version))
         log_event(log, "file.ingest_failed", file_id=file_id, code=exc.code)
