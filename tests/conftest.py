@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from afina.deploy.processes import stop
-from tests.support.servers import SeaweedS3, ensure_redis, postgres_url, start_seaweedfs
+from tests.support.servers import SeaweedS3, ensure_redis, fresh_postgres_database, postgres_url, start_seaweedfs
 
 # no test may reach a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,18 +38,8 @@ def postgres_admin_url() -> str:
 @pytest.fixture
 def postgres_database(postgres_admin_url: str) -> Iterator[str]:
     """A brand-new PostgreSQL database for one test, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-
-    name = f"afina_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield postgres_url(name)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database(postgres_admin_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,23 @@ def ensure_redis() -> str:
 
 def postgres_url(database: str = "test") -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+
+
+@contextmanager
+def fresh_postgres_database(admin_url: str, prefix: str = "afina_test") -> Iterator[str]:
+    """A brand-new database on the machine's PostgreSQL, dropped afterwards (connections and all)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_url(name)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @dataclass

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 
 from afina.core.db import repository as repo
 from tests.integration.gateway.conftest import SMOLLM2, Gateway, chat_jsonl, make_settings, start_gateway
-from tests.support.servers import postgres_url
+from tests.support.servers import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -32,28 +31,11 @@ def sse_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     with ExitStack() as cleanup:
         if request.param == "postgres":
             overrides["database_url"] = cleanup.enter_context(
-                fresh_postgres_database(request.getfixturevalue("postgres_admin_url")))
+                fresh_postgres_database(request.getfixturevalue("postgres_admin_url"), "afina_sse"))
         gateway = start_gateway(make_settings(tmp_path_factory.mktemp(f"sse-{request.param}"), **overrides))
         yield gateway
         gateway.served.stop()
         gateway.runtime.db.dispose()
-
-
-@contextmanager
-def fresh_postgres_database(admin_url: str) -> Iterator[str]:
-    """A new PostgreSQL database for this module's gateway, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-
-    name = f"afina_sse_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield postgres_url(name)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @dataclass

@@ -20,7 +20,8 @@ def test_importing_the_trainer_loads_no_torch() -> None:
     if "torch" in sys.modules:  # another test of this session imported it: check in a fresh interpreter
         import subprocess
 
-        code = "import sys, afina.core.training, afina.trainer.recipe, afina.trainer.tasks; assert 'torch' not in sys.modules"
+        code = ("import sys, afina.core.training, afina.trainer.recipe, afina.trainer.tasks; "
+                "assert 'torch' not in sys.modules")
         subprocess.run([sys.executable, "-c", code], check=True)
 
 
