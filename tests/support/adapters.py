@@ -65,9 +65,9 @@ def make_perturbed_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, scal
     return out_dir
 
 
-def store_adapter(runtime: Runtime, job_id: str, adapter_dir: Path) -> str:
-    """Upload an adapter where the trainer commits it for ``job_id``; returns the prefix."""
-    prefix = adapter_prefix(job_id)
+def store_adapter(runtime: Runtime, tenant_id: str, job_id: str, adapter_dir: Path) -> str:
+    """Upload an adapter where the trainer commits it for ``job_id`` of ``tenant_id``; returns the prefix."""
+    prefix = adapter_prefix(tenant_id, job_id)
     for path in sorted(adapter_dir.iterdir()):
         if path.is_file() and path.name != DONE:
             runtime.store.put_file(f"{prefix}/{path.name}", path)

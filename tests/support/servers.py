@@ -114,3 +114,88 @@ def serve_app(app: object, timeout: float = 60) -> ServedApp:
     if not server.started:
         raise RuntimeError("uvicorn exited before it started (see the log above)")
     return ServedApp(server=server, thread=thread, port=port)
+
+
+@dataclass
+class PrivateRedis:
+    """A Redis server of one test's own (AOF on, as production runs it), so the test may stop and restart it
+    without disturbing the machine's Redis that other tests share."""
+
+    data_dir: Path
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                   "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
+        self.process = subprocess.Popen(command, stdout=open(self.data_dir / "redis.log", "ab"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: port_open("127.0.0.1", self.port), 15, "private redis", self.process)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (Redis flushes its AOF on the way out), then wait until the port is closed."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def start_private_redis(data_dir: Path) -> PrivateRedis:
+    return PrivateRedis(data_dir=data_dir, port=free_port()).start()
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL cluster of one test's (or benchmark's) own, so it can be restarted mid-job without touching the
+    machine's server that every other test uses. Runs as the ``postgres`` user (initdb refuses root)."""
+
+    data_dir: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/afina"
+
+    def _as_postgres(self, *command: str) -> None:
+        binary = next(Path("/usr/lib/postgresql").glob(f"*/bin/{command[0]}"))
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, str(binary), *command[1:]], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> PrivatePostgres:
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                import shutil
+
+                shutil.chown(self.data_dir, "postgres", "postgres")
+            self._as_postgres("initdb", "-D", str(self.data_dir), "-A", "trust", "-U", "postgres", "--no-sync")
+        options = f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._as_postgres("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.data_dir / "server.log"),
+                          "-w", "start")
+        return self
+
+    def restart(self) -> None:
+        """An abrupt stop (``-m immediate``: the server crashes, dropping every connection) and a start with crash
+        recovery, as a database host failing over would look to afina."""
+        self._as_postgres("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+        self.start()
+
+    def stop(self) -> None:
+        try:
+            self._as_postgres("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass  # not running
+
+
+def start_private_postgres() -> PrivatePostgres:
+    """A new cluster in a fresh folder under the system temp dir (the ``postgres`` user must reach it)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="afina-pg-"))
+    folder.chmod(0o755)
+    return PrivatePostgres(data_dir=folder / "data", port=free_port()).start()

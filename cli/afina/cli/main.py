@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from afina.cli.client import connection, default_home, openai_client
@@ -51,8 +52,20 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_create(args: argparse.Namespace) -> int:
-    from afina.core.db import repository as repo
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` in seconds (argparse type: a bad one is a usage error)."""
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in DURATION_UNITS or not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write a positive number and one of "
+                                         "s, m, h, d, w (e.g. 30d, 12h)")
+    return int(number) * DURATION_UNITS[unit]
+
+
+def _registry(args: argparse.Namespace):  # noqa: ANN202 - afina.core.runtime.Runtime, imported late
+    """The registry of the stack ``afina up`` started from ``args.home`` (or of that home if none runs)."""
     from afina.core.runtime import Runtime
     from afina.core.settings import Settings
     from afina.deploy.runner import load_state
@@ -61,10 +74,56 @@ def _keys_create(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (state.env if state else {}).items() if k.startswith("AFINA_")}
     os.environ.update(overrides)
     os.environ.setdefault("AFINA_HOME", str(args.home))
-    runtime = Runtime(Settings())
-    with runtime.db.session() as session:
-        key = repo.create_api_key(session, args.tenant)
-    print(key)
+    return Runtime(Settings())
+
+
+def _when(epoch: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if epoch is not None else "never"
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from afina.core.db import repository as repo
+    from afina.core.errors import AfinaError
+
+    expires_at = int(time.time()) + args.expires_in if args.expires_in else None
+    try:
+        with _registry(args).db.session() as session:
+            key = repo.create_api_key(session, args.tenant, name=args.name, expires_at=expires_at)
+    except AfinaError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(key)  # alone on stdout, so a script can capture it
+    if expires_at is not None:
+        print(f"expires {_when(expires_at)}", file=sys.stderr)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from afina.core.db import repository as repo
+
+    with _registry(args).db.session() as session:
+        keys = repo.list_api_keys(session, args.tenant)
+    if not keys:
+        print("no API keys" + (f" for tenant {args.tenant}" if args.tenant else ""))
+        return 0
+    print(f"{'PREFIX':12} {'TENANT':16} {'NAME':20} {'CREATED':16} {'EXPIRES':16} STATE")
+    for key in keys:
+        print(f"{key.prefix:12} {key.tenant_id:16} {(key.name or '-'):20} {_when(key.created_at):16} "
+              f"{_when(key.expires_at):16} {key.state()}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from afina.core.db import repository as repo
+    from afina.core.errors import AfinaError
+
+    try:
+        with _registry(args).db.session() as session:
+            key = repo.revoke_api_key(session, args.prefix, args.tenant)
+    except AfinaError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"revoked {key.prefix} (tenant {key.tenant_id}{', ' + key.name if key.name else ''})")
     return 0
 
 
@@ -164,7 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a tenant (if new) and an API key for it")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default=None, help="what the key is for (shown by `keys list`)")
+    create.add_argument("--expires-in", type=parse_duration, default=None, metavar="DURATION",
+                        help="the key stops working after this long: 30d, 12h, 90m, 2w (default: never)")
     create.set_defaults(run=_keys_create)
+    listing = keys.add_parser("list", help="every key's prefix, tenant, name, dates and state (never the key)")
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    listing.set_defaults(run=_keys_list)
+    revoke = keys.add_parser("revoke", help="stop a key working, at once and for good")
+    revoke.add_argument("prefix", help="the key's prefix as `keys list` shows it (or the whole key)")
+    revoke.add_argument("--tenant", default=None, help="only look among this tenant's keys")
+    revoke.set_defaults(run=_keys_revoke)
 
     push = commands.add_parser("push", help="upload a dataset (JSONL, JSON, CSV, Parquet, TXT, ZIP, tar.gz)")
     push.add_argument("file")

@@ -88,11 +88,24 @@ class StoreError(AfinaError):
     code = "store_unavailable"
 
 
-class QueueUnavailable(AfinaError):
-    """The message broker refused a message; the caller may retry later."""
+class ServiceUnavailable(AfinaError):
+    """A dependency (database, store, broker) did not answer: a passing fault, the same call may succeed
+    shortly (``afina.core.transient`` retries these, the API answers 503 with ``Retry-After``)."""
 
     http_status = 503
     error_type = "server_error"
+    code = "service_unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The object store could not be reached (connection refused, reset, timed out)."""
+
+    code = "store_unavailable"
+
+
+class QueueUnavailable(ServiceUnavailable):
+    """The message broker refused a message; the caller may retry later."""
+
     code = "queue_unavailable"
 
 
@@ -114,3 +127,10 @@ class InferenceUnavailable(AfinaError):
     http_status = 503
     error_type = "server_error"
     code = "model_unavailable"
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the job (it stalled and another took over): it must stop writing to it.
+
+    Not an ``AfinaError``: no user ever sees it; the stage that raises it just stops.
+    """

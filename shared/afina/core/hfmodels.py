@@ -127,12 +127,25 @@ def _convert_gguf(gguf_path: Path, family: ChatFamily, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file as an object; a user's error naming the file (never its path) otherwise."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise TrainingFailed(f"the base model's {path.name} is not valid JSON", code="invalid_model_config") from None
+    if not isinstance(value, dict):
+        raise TrainingFailed(f"the base model's {path.name} is not a JSON object ({{\"model_type\": ...}})",
+                             code="invalid_model_config")
+    return value
+
+
 def _link_transformers_folder(source: Path, family: ChatFamily, out_dir: Path) -> None:
     """Link the weights of ``source`` into ``out_dir``; write its tokenizer and configs prepared for training."""
     from transformers import AutoTokenizer
 
     if not (source / "config.json").is_file():
-        raise TrainingFailed(f"{source} is not a transformers model folder (no config.json)")
+        raise TrainingFailed("the base model is not a transformers model folder (no config.json)")
+    _json_object(source / "config.json")  # before transformers reads it: its error would be a crash, not a 400
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     prepare_tokenizer(tokenizer, family, can_add_tokens=False)
     out_dir.mkdir(parents=True)
@@ -140,11 +153,11 @@ def _link_transformers_folder(source: Path, family: ChatFamily, out_dir: Path) -
         if path.is_file() and path.name not in REWRITTEN_FILES:
             (out_dir / path.name).symlink_to(path.resolve())
     tokenizer.save_pretrained(out_dir)
-    config = json.loads((source / "config.json").read_text())
+    config = _json_object(source / "config.json")
     config["pad_token_id"] = tokenizer.pad_token_id
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     generation_file = source / "generation_config.json"
     if generation_file.is_file():
-        generation = json.loads(generation_file.read_text())
+        generation = _json_object(generation_file)
         generation["pad_token_id"] = tokenizer.pad_token_id
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))

@@ -57,6 +57,11 @@ GPU_MEMORY_BYTES = Gauge("afina_gpu_memory_bytes",
                          "GPU memory of the training process: allocated and reserved now, peak since the run began",
                          ["device", "kind"], multiprocess_mode="livemostrecent")
 LEASES_RECOVERED = Counter("afina_leases_recovered_total", "Jobs requeued after their worker stopped heartbeating")
+OUTBOX_SENT = Counter("afina_outbox_sent_total", "Queue messages handed to the broker from the outbox")
+OUTBOX_PENDING = Gauge("afina_outbox_pending", "Outbox messages not yet handed to the broker (last relay sweep)",
+                       multiprocess_mode="livemax")
+STAGES_REQUEUED = Counter("afina_stages_requeued_total",
+                          "Stages handed back to the queue instead of failing, by reason", ["reason"])
 HTTP_REQUESTS = Counter("afina_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_SECONDS = Histogram("afina_http_request_seconds", "HTTP request latency", ["route", "method"])
 INFERENCE_TOKENS = Counter("afina_inference_tokens_total", "Tokens served", ["kind"])

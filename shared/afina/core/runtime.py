@@ -19,6 +19,12 @@ class Runtime:
     settings: Settings
     include_tasks: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # secrets no pattern recognises (a lone S3 secret, an unusual password) are scrubbed by value
+        from afina.core.logging import register_settings_secrets
+
+        register_settings_secrets(self.settings)
+
     @cached_property
     def db(self) -> Database:
         database = Database(self.settings.resolved_database_url)

@@ -35,6 +35,24 @@ class Settings(BaseSettings):
     lease_s: int = 60
     heartbeat_s: int = 10
     recovery_interval_s: int = 15
+    # a stage whose worker died this many times (OOM-killed, SIGKILL) fails the job instead of retrying it
+    max_stage_attempts: int = 3
+    # transient infrastructure faults (a database blip, an S3 network error, a pool timeout) are retried
+    # inside a stage this many times with exponential backoff from ``transient_backoff_s``; past that the
+    # job goes back to the queue (after ``transient_requeue_delay_s``) instead of failing
+    transient_retries: int = 5
+    transient_backoff_s: float = 0.5
+    transient_requeue_delay_s: float = 30.0
+    # how often the outbox relay sends messages whose sender died or found the broker down
+    outbox_relay_interval_s: float = 2.0
+    # an active job that no worker holds and whose last message went out this long ago (the broker lost it,
+    # or its worker died before taking the lease) gets its message again; a duplicate is dropped by the lease
+    orphan_requeue_s: int = 900
+    # Celery task time limits: past the soft limit a stage fails with a clear message, past the hard
+    # limit its process is killed; per-stage overrides in ``stage_time_limits_s`` ({"train": 86400})
+    task_soft_time_limit_s: int = 2 * 24 * 3600
+    task_hard_time_limit_grace_s: int = 600
+    stage_time_limits_s: dict[str, int] = Field(default_factory=dict)
 
     # object store
     store_backend: Literal["local", "s3"] = "local"
@@ -65,6 +83,23 @@ class Settings(BaseSettings):
 
     # gateway
     max_upload_bytes: int = 512 * 1024 * 1024
+    # a JSON request body past this answers 413 before it is parsed; a multipart form may carry at most
+    # ``max_form_fields`` non-file fields of ``max_form_field_bytes`` each
+    max_json_body_bytes: int = 8 * 1024 * 1024
+    max_form_fields: int = 32
+    max_form_field_bytes: int = 64 * 1024
+    # /docs, /redoc and /openapi.json: None means on in local mode and off in production
+    expose_docs: bool | None = None
+    # leftover upload spools and ingest temporary folders older than this are removed at start and
+    # by the workers' maintenance sweep (a crash never cleans its own)
+    stale_temp_after_s: int = 6 * 3600
+
+    # base models from the worker's filesystem: off unless the operator lists the directories that
+    # may be named (a job's ``model`` or ingest's ``base_model`` as a path, ``file://`` or ``~``)
+    allowed_model_dirs: list[Path] = Field(default_factory=list)
+    # which environment variables ``encryption.key_env`` may name, per tenant (``"*"``: every tenant),
+    # e.g. {"acme": ["ACME_FERNET_KEY"], "*": ["AFINA_SHARED_FERNET_KEY"]}
+    encryption_key_envs: dict[str, list[str]] = Field(default_factory=dict)
 
     # ingest: the Fernet key that encrypts normalized splits at rest (options ``encrypt_at_rest``);
     # a SecretStr, so it never appears in a repr, a log line or an error
@@ -91,6 +126,19 @@ class Settings(BaseSettings):
                 if getattr(self, name).get_secret_value() in PLACEHOLDER_SECRETS:
                     raise ValueError(f"AFINA_{name.upper()} is a placeholder; set a real secret in production")
         return self
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.environment == "local" if self.expose_docs is None else self.expose_docs
+
+    def stage_time_limits(self, stage: str) -> tuple[int, int]:
+        """(soft, hard) seconds for a stage's Celery task."""
+        soft = self.stage_time_limits_s.get(stage, self.task_soft_time_limit_s)
+        return soft, soft + self.task_hard_time_limit_grace_s
+
+    def key_envs_for(self, tenant_id: str) -> frozenset[str]:
+        """The environment variables ``tenant_id``'s ingest options may name as an encryption key."""
+        return frozenset(self.encryption_key_envs.get(tenant_id, [])) | frozenset(self.encryption_key_envs.get("*", []))
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -64,7 +64,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, exporter_model_cache: Pat
     home = tmp_path_factory.mktemp("export-home")
     runtime = Runtime(Settings(home=home, model_cache_dir=exporter_model_cache, log_json=False))
     job = create_job(runtime, TENANT, "file-test", stage="export", status="running", suffix="aeon")
-    store_adapter(runtime, job.id, lora_adapter_dir)
+    store_adapter(runtime, TENANT, job.id, lora_adapter_dir)
     context = context_for(runtime, job, "export")
     assert export_job(context) is None
     with runtime.db.session() as session:
@@ -81,7 +81,7 @@ def test_three_ggufs_modelfile_and_report_with_the_manifest_written_last(exporte
     assert all(store_path(runtime, key).stat().st_mtime_ns <= manifest_written for key in keys)
 
     manifest = orjson.loads(runtime.store.get_bytes(f"{prefix}/manifest.json"))
-    assert manifest["serve"] == "q4_k_m" and manifest["adapter"] == adapter_prefix(exported.job_id)
+    assert manifest["serve"] == "q4_k_m" and manifest["adapter"] == adapter_prefix(TENANT, exported.job_id)
     entries = [*manifest["gguf"].values(), manifest["modelfile"], manifest["verification"]]
     assert sorted(manifest["gguf"]) == ["f16", "q4_k_m", "q8_0"]
     for entry in entries:
@@ -106,7 +106,7 @@ def test_job_succeeded_with_one_registered_model(exported: Exported) -> None:
         "serve": "q4_k_m",
         "modelfile": f"{prefix}/Modelfile",
         "manifest": f"{prefix}/manifest.json",
-        "adapter": adapter_prefix(job_id),
+        "adapter": adapter_prefix(TENANT, job_id),
     }
     timed = {event.data["phase"]: event for event in event_rows(runtime, job_id) if event.data}
     assert set(timed) == set(PHASES)
@@ -169,7 +169,7 @@ def test_a_resumed_export_reuses_the_stored_gguf_on_postgres_and_s3(
                         s3_access_key=seaweedfs.access_key, s3_secret_key=seaweedfs.secret_key, s3_bucket=bucket_name)
     runtime = Runtime(settings)
     job = create_job(runtime, TENANT, "file-test", stage="export", status="running", suffix=None)
-    store_adapter(runtime, job.id, lora_adapter_dir)
+    store_adapter(runtime, TENANT, job.id, lora_adapter_dir)
     prefix = model_prefix(TENANT, job.id)
     stored_f16 = store_path(exported.runtime, f"{exported.prefix}/model-f16.gguf")
     runtime.store.put_file(f"{prefix}/model-f16.gguf", stored_f16)

@@ -110,7 +110,7 @@ def test_checkpoints(gateway: Gateway, acme, upload) -> None:  # noqa: ANN001
     job = acme.fine_tuning.jobs.create(model=SMOLLM2, training_file=upload().id, suffix="ckpt")
     with gateway.runtime.db.session() as session:
         for step in (10, 20):
-            repo.add_checkpoint(session, job.id, step, f"jobs/{job.id}/checkpoints/step-{step:07d}",
+            repo.add_checkpoint(session, job.id, step, f"jobs/acme/{job.id}/checkpoints/step-{step:07d}",
                                 {"train_loss": 1.0 / step})
     checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [20, 10]

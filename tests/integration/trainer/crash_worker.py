@@ -26,8 +26,8 @@ def main(home: str, model_cache: str, job_id: str, step: str, marker: str) -> No
 
     publish = checkpoints.publish_checkpoint
 
-    def publish_then_hang(runtime, job, at_step, *args, **kwargs):  # noqa: ANN001, ANN202
-        prefix = publish(runtime, job, at_step, *args, **kwargs)
+    def publish_then_hang(runtime, tenant, job, at_step, *args, **kwargs):  # noqa: ANN001, ANN202
+        prefix = publish(runtime, tenant, job, at_step, *args, **kwargs)
         if at_step == int(step):
             Path(marker).write_text(prefix)
             time.sleep(3600)

@@ -74,13 +74,13 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
     assert set(rows[0].metrics) == CHECKPOINT_METRIC_KEYS and rows[0].metrics["step"] == 6
     assert rows[0].metrics["full_valid_loss"] == validation[0]["full_valid_loss"]
     assert rows[1].metrics["valid_loss"] is None and finite(rows[1].metrics["train_loss"])
-    stored = {info.key for info in runtime.store.list(f"{job_prefix(job_id)}/checkpoints/")}
-    assert {key.split("/")[3] for key in stored} == {"step-0000004", "step-0000006"}
+    stored = {info.key for info in runtime.store.list(f"{job_prefix(TENANT, job_id)}/checkpoints/")}
+    assert {key.split("/")[4] for key in stored} == {"step-0000004", "step-0000006"}
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
-        assert f"{checkpoint_prefix(job_id, 6)}/{name}" in stored
+        assert f"{checkpoint_prefix(TENANT, job_id, 6)}/{name}" in stored
 
     # the adapter: LoRA weights that moved, named after the public base, with the STOCK chat template
-    adapter = adapter_prefix(job_id)
+    adapter = adapter_prefix(TENANT, job_id)
     marker = orjson.loads(runtime.store.get_bytes(f"{adapter}/{ADAPTER_MARKER}"))
     assert marker["base_model"] == SPEC.id and marker["global_step"] == 6
     config = json.loads(runtime.store.get_bytes(f"{adapter}/adapter_config.json"))
@@ -94,10 +94,10 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
     assert len(lora_b) == 30 * 7 and all(tensor.abs().sum() > 0 for tensor in lora_b)
 
     # report and metrics
-    report = runtime.store.get_bytes(f"{job_prefix(job_id)}/report/report.md").decode()
+    report = runtime.store.get_bytes(f"{job_prefix(TENANT, job_id)}/report/report.md").decode()
     assert "## Loss per step" in report and "| 6 |" in report and "batch_size | 4" in report
     records = [orjson.loads(line) for line in
-               runtime.store.get_bytes(f"{job_prefix(job_id)}/report/metrics.jsonl").splitlines()]
+               runtime.store.get_bytes(f"{job_prefix(TENANT, job_id)}/report/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if r["type"] == "validation"] == [6]
     # the result files, as the OpenAI API lists them: the report, its charts, the step CSV, the metrics files
@@ -184,10 +184,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(reference_run: Run, model
     job = job_row(runtime, job_id)
     assert job.stage == "export"
     assert job.trained_tokens == job_row(reference_run.runtime, reference_run.job_id).trained_tokens
-    report = runtime.store.get_bytes(f"{job_prefix(job_id)}/report/report.md").decode()
+    report = runtime.store.get_bytes(f"{job_prefix(TENANT, job_id)}/report/report.md").decode()
     assert "from the checkpoint at step 4" in report
     # the history survived the resume: the step metrics hold the steps before the checkpoint too
-    csv_rows = runtime.store.get_bytes(f"{job_prefix(job_id)}/report/step_metrics.csv").decode().splitlines()
+    csv_rows = runtime.store.get_bytes(f"{job_prefix(TENANT, job_id)}/report/step_metrics.csv").decode().splitlines()
     assert [int(row.split(",")[0]) for row in csv_rows[1:] if row.split(",")[0].isdigit()][:6] == [1, 2, 3, 4, 5, 6]
 
 
@@ -215,8 +215,8 @@ def test_cancelling_mid_run_saves_a_checkpoint_and_stops(model_cache: Path, tmp_
     assert 2 <= stopped_at < 18
     rows = checkpoint_rows(runtime, job_id)
     assert [row.step_number for row in rows] == [stopped_at]  # the cancellation's checkpoint, nothing else
-    assert runtime.store.exists(f"{checkpoint_prefix(job_id, stopped_at)}/adapter_model.safetensors")
-    assert not runtime.store.exists(f"{adapter_prefix(job_id)}/{ADAPTER_MARKER}")
+    assert runtime.store.exists(f"{checkpoint_prefix(TENANT, job_id, stopped_at)}/adapter_model.safetensors")
+    assert not runtime.store.exists(f"{adapter_prefix(TENANT, job_id)}/{ADAPTER_MARKER}")
     messages = [event.message for event in job_events(runtime, job_id)]
     assert f"Cancellation requested: saving a checkpoint at step {stopped_at} and stopping" in messages
     assert messages[-1] == "Job cancelled"

@@ -61,6 +61,7 @@ def test_enough_disk_passes_preflight_and_a_missing_adapter_is_named(tmp_path: P
     runtime = make_runtime(tmp_path)
     job = export_job_row(runtime)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(10**12, 0, 2 * 10**9))
-    with pytest.raises(ExportFailed, match=rf"no trained adapter at jobs/{job.id}/adapter/adapter_model.safetensors"):
+    missing = rf"no trained adapter at jobs/acme/{job.id}/adapter/adapter_model.safetensors"
+    with pytest.raises(ExportFailed, match=missing):
         export_job(context_for(runtime, job, "export"))
     assert not (runtime.settings.resolved_work_dir / job.id).exists()

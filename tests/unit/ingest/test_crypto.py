@@ -39,8 +39,8 @@ def everything_said(items: list[Any]) -> str:
 
 def test_load_fernet_names_the_variable_never_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
-    with pytest.raises(InvalidRequest, match=f"{KEY_ENV} is not set") as caught:
-        load_fernet(KEY_ENV)
+    with pytest.raises(InvalidRequest, match=f"{KEY_ENV}' is not one of the key variables") as caught:
+        load_fernet(KEY_ENV)  # unset: the same answer as a variable the tenant may not name
     assert caught.value.param == "encryption.key_env"
     monkeypatch.setenv(KEY_ENV, "minha-senha-super-secreta")
     with pytest.raises(InvalidRequest, match=f"the encryption key in {KEY_ENV} is not a valid Fernet key") as caught:
@@ -144,5 +144,5 @@ def test_field_decryption_without_the_variable_fails_before_any_row(tmp_path: Pa
     path = tmp_path / "dados.jsonl"
     path.write_text('{"prompt": "x", "completion": "y"}\n', encoding="utf-8")
     options = IngestOptions(encryption=EncryptionOptions(key_env=KEY_ENV, fields=["prompt"]))
-    with pytest.raises(InvalidRequest, match=f"{KEY_ENV} is not set"):
+    with pytest.raises(InvalidRequest, match=f"{KEY_ENV}' is not one of the key variables"):
         list(to_examples(open_rows(path, path.name, options), options))

@@ -159,7 +159,7 @@ def test_a_sft_run_reports_events_files_metrics_and_checkpoints(tokenizer: Any, 
     assert not callback.monitor.running
 
     # both files are in the store, identical to the local ones
-    prefix = f"{job_prefix(context.job_id)}/report"
+    prefix = f"{job_prefix(context.tenant_id, context.job_id)}/report"
     for name in (TRAINING_METRICS_FILE, HARDWARE_METRICS_FILE):
         assert runtime.store.get_bytes(f"{prefix}/{name}") == (tmp_path / "work" / "metrics" / name).read_bytes()
 
@@ -176,7 +176,7 @@ def test_a_sft_run_reports_events_files_metrics_and_checkpoints(tokenizer: Any, 
 def test_files_reach_the_store_while_training_runs(tokenizer: Any, rows: Any, tmp_path: Path) -> None:
     """A crash leaves the files behind: they are uploaded at each checkpoint, not only at the end."""
     runtime, context = make_job(tmp_path)
-    prefix = f"{job_prefix(context.job_id)}/report"
+    prefix = f"{job_prefix(context.tenant_id, context.job_id)}/report"
     seen_at_checkpoint: dict[int, list[int]] = {}
 
     def publish(step: int, local_dir: Path, metrics: dict[str, Any]) -> None:

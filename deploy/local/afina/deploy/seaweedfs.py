@@ -18,6 +18,7 @@ class SeaweedS3:
     endpoint: str
     access_key: str
     secret_key: str
+    command: tuple[str, ...] = ()  # how it was started: ``restart_seaweedfs`` starts it again on the same ports
 
 
 def weed_binary() -> str:
@@ -49,4 +50,13 @@ def start_seaweedfs(data_dir: Path, log_dir: Path, env: dict[str, str], *, acces
     except BaseException:
         stop(process.pid)
         raise
-    return SeaweedS3(process, f"127.0.0.1:{s3_port}", access_key, secret_key)
+    return SeaweedS3(process, f"127.0.0.1:{s3_port}", access_key, secret_key, tuple(command))
+
+
+def restart_seaweedfs(server: SeaweedS3, log_dir: Path, env: dict[str, str]) -> SeaweedS3:
+    """Stop ``server`` and start it again with the same folder, ports and keys (its objects survive)."""
+    stop(server.process.pid)
+    s3_port = int(server.endpoint.rsplit(":", 1)[1])
+    process = spawn("seaweedfs", list(server.command), env, log_dir, port=s3_port)
+    wait_ready(process, lambda: port_open(s3_port), 60)
+    return SeaweedS3(process, server.endpoint, server.access_key, server.secret_key, server.command)

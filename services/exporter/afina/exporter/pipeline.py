@@ -82,7 +82,7 @@ def export_job(context: JobContext) -> None:
     """Run the export stage for a job; the job ends ``succeeded`` with its model registered."""
     runtime = context.runtime
     settings = runtime.settings
-    if finish_registered(runtime, context.job_id) is not None:
+    if finish_registered(context) is not None:
         context.event("Model already registered for this job; nothing to export")
         return None
     job = context.snapshot()
@@ -106,9 +106,9 @@ def export_job(context: JobContext) -> None:
         "serve": serve,
         "modelfile": keys.modelfile,
         "manifest": keys.manifest,
-        "adapter": adapter_prefix(job.id),
+        "adapter": adapter_prefix(job.tenant_id, job.id),
     }
-    register_export(runtime, job.id, artifacts,
+    register_export(context, artifacts,
                     message=f"Fine-tuned model {name} is ready (serving {serve.upper()})")
     log_event(log, "export.registered", job_id=job.id, model=name, serve=serve)
     return None
@@ -147,7 +147,7 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
     stored: dict[str, ObjectInfo] = {}
     try:
         preflight_disk(work_dir, spec)
-        adapter_dir = download_adapter(store, context.job_id, work_dir / "adapter")
+        adapter_dir = download_adapter(store, context.tenant_id, context.job_id, work_dir / "adapter")
         base_dir: Path | None = None
         local = {variant: work_dir / gguf_filename(variant) for variant in keys.variants}
         present = {variant: store.exists(keys.gguf(variant)) for variant in keys.variants}
@@ -217,7 +217,7 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
             "base_model": spec.id,
             "family": family.name,
             "serve": serve,
-            "adapter": adapter_prefix(context.job_id),
+            "adapter": adapter_prefix(context.tenant_id, context.job_id),
             "gguf": {variant: entry(variant, keys.gguf(variant), local[variant]) for variant in keys.variants},
             "modelfile": entry("modelfile", keys.modelfile, modelfile_path),
             "verification": entry("verification", keys.verification, verification_path),
@@ -241,9 +241,9 @@ def preflight_disk(work_dir: Path, spec: BaseModelSpec) -> None:
                            "and quantization); free space or point AFINA_WORK_DIR at a larger disk")
 
 
-def download_adapter(store: ArtifactStore, job_id: str, adapter_dir: Path) -> Path:
+def download_adapter(store: ArtifactStore, tenant_id: str, job_id: str, adapter_dir: Path) -> Path:
     """Fetch the trainer's adapter (weights, config, tokenizer) without any pickled file."""
-    prefix = adapter_prefix(job_id) + "/"
+    prefix = adapter_prefix(tenant_id, job_id) + "/"
     objects = [info for info in store.list(prefix) if not info.key.endswith(PICKLE_SUFFIXES)]
     names = {info.key[len(prefix):] for info in objects}
     if ADAPTER_WEIGHTS not in names or ADAPTER_CONFIG not in names:

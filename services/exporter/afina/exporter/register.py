@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from afina.core.db import repository as repo
-from afina.core.db.models import Model
+from afina.core.db.models import Job, Model
 from afina.core.naming import fine_tuned_model_name
+from afina.core.queue.jobs import JobContext
 from afina.core.runtime import Runtime
 
 
@@ -25,27 +27,32 @@ def model_name_for(runtime: Runtime, job_id: str) -> str:
         return fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
 
 
-def register_export(runtime: Runtime, job_id: str, artifacts: dict[str, Any], message: str) -> str:
-    """Register the job's model, set ``fine_tuned_model`` and mark the job succeeded; returns the model name."""
-    with runtime.db.session() as session:
-        job = repo.get_job(session, None, job_id, for_update=True)
+def register_export(context: JobContext, artifacts: dict[str, Any], message: str) -> str:
+    """Register the job's model, set ``fine_tuned_model`` and mark the job succeeded; returns the model name.
+
+    Fenced by the lease: an exporter that stalled and lost the job to another registers nothing.
+    """
+    def register(session: Session, job: Job) -> str:
         name = fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
         repo.register_model(session, name=name, tenant_id=job.tenant_id, base_model=job.model, job_id=job.id,
                             artifacts=artifacts)
         job.fine_tuned_model = name
         if job.status != "succeeded":
             repo.set_status(session, job, "succeeded", message=message)
-    return name
+        return name
+
+    return context.write(register, "model registration")
 
 
-def finish_registered(runtime: Runtime, job_id: str) -> str | None:
+def finish_registered(context: JobContext) -> str | None:
     """When the job's model is already registered, make sure the job says so; the model's name, or None."""
-    with runtime.db.session() as session:
-        if repo.count_models_for_job(session, job_id) == 0:
+    def finish(session: Session, job: Job) -> str | None:
+        if repo.count_models_for_job(session, job.id) == 0:
             return None
-        job = repo.get_job(session, None, job_id, for_update=True)
-        name = session.scalars(select(Model.name).where(Model.job_id == job_id)).one()
+        name = session.scalars(select(Model.name).where(Model.job_id == job.id)).one()
         job.fine_tuned_model = name
         if job.status not in repo.TERMINAL_STATUSES:
             repo.set_status(session, job, "succeeded", message=f"Model {name} is already registered")
-    return name
+        return name
+
+    return context.write(finish, "model registration check")

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Response
 from afina.core.logging import log_event
 from afina.core.metrics import render_latest
 from afina.core.runtime import Runtime
+from afina.core.scratch import sweep_stale_scratch
 from afina.core.settings import get_settings
 from afina.gateway.chat.router import router as chat_router
 from afina.gateway.errors import install_error_handlers, log
@@ -22,6 +23,7 @@ from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
 from afina.gateway.inference import open_backend
 from afina.gateway.inference.files import ModelFileCache
+from afina.gateway.limits import RequestLimitsMiddleware
 from afina.gateway.middleware import MetricsMiddleware
 from afina.gateway.models.router import router as models_router
 
@@ -36,6 +38,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await to_thread.run_sync(lambda: runtime.db)  # opening the database migrates it
+        await to_thread.run_sync(sweep_stale_scratch, runtime.settings)  # spools a crashed gateway left
         log_event(log, "gateway.started", backend=runtime.settings.inference_backend)
         try:
             yield
@@ -43,12 +46,18 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             await backend.close()
             log_event(log, "gateway.stopped")
 
+    # the API's own map (/docs, /redoc, /openapi.json) only where the operator wants it: local mode, or
+    # AFINA_EXPOSE_DOCS=true; off, each answers 404 like any unknown path
+    docs = runtime.settings.docs_enabled
     app = FastAPI(title="afina gateway", version=VERSION, lifespan=lifespan,
-                  description="OpenAI-compatible fine-tuning and inference API")
+                  description="OpenAI-compatible fine-tuning and inference API",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
     app.state.backend = backend
     app.state.model_files = ModelFileCache(runtime)
     install_error_handlers(app)
+    app.add_middleware(RequestLimitsMiddleware, settings=runtime.settings)  # key and body size before the body
     app.add_middleware(MetricsMiddleware)
     for router in (files_router, fine_tuning_router, models_router, chat_router):
         app.include_router(router)

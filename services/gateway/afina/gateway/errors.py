@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afina.core.errors import AfinaError
-from afina.core.logging import log_event
+from afina.core.logging import log_event, new_error_id
+from afina.core.transient import is_transient
 
 log = logging.getLogger("afina.gateway")
 
@@ -56,6 +57,8 @@ def _is_union_tag(part: Any) -> bool:
 async def _afina_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AfinaError)
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    if exc.http_status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     if exc.http_status >= 500:
         log_event(log, "request.failed", logging.WARNING, path=request.url.path, code=exc.code, message=exc.message)
     return error_response(request, exc.http_status, exc.message, error_type=exc.error_type, param=exc.param,
@@ -86,12 +89,22 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
+RETRY_AFTER_S = 5
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # the formatter redacts secrets from the traceback; the client learns nothing about the fault
-    log.error("request.crashed", exc_info=exc, extra={"fields": {"path": request.url.path,
+    # the formatter redacts secrets from the traceback; the client learns nothing about the fault but an id
+    error_id = new_error_id()
+    if is_transient(exc):  # the database, the store or the broker did not answer: the client may retry
+        log_event(log, "request.unavailable", logging.WARNING, path=request.url.path, error=type(exc).__name__,
+                  error_id=error_id)
+        return error_response(request, 503, f"A service afina depends on is temporarily unavailable; retry in a "
+                              f"few seconds (error id {error_id}).", error_type="server_error",
+                              code="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+    log.error("request.crashed", exc_info=exc, extra={"fields": {"path": request.url.path, "error_id": error_id,
                                                                  "error": type(exc).__name__}})
-    return error_response(request, 500, "The server had an error while processing your request.",
-                          error_type="server_error", code="internal_error")
+    return error_response(request, 500, f"The server had an error while processing your request "
+                          f"(error id {error_id}).", error_type="server_error", code="internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

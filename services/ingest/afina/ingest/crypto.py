@@ -1,7 +1,9 @@
 """Fernet decryption of uploaded data (seed 001 encrypts dataframe fields with a Fernet key).
 
 The key is read from the environment variable the ingest options name, on the worker,
-at the moment it is needed. No error, log line or report ever carries the key, the
+at the moment it is needed; the variable must be one the operator allowed for the tenant
+(``check_key_env``, before the ingest starts), and an unset one gets the same answer as a
+variable that is not allowed (``afina.core.datasets.key_env``). No error, log line or report ever carries the key, the
 token or the plaintext of a field that failed: only the variable's name and the field.
 A variable may hold several keys separated by commas (key rotation): the first encrypts,
 any of them decrypts (``MultiFernet``).
@@ -10,9 +12,12 @@ any of them decrypts (``MultiFernet``).
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
+from afina.core.datasets.key_env import check_key_env_allowed, key_env_refusal
+from afina.core.datasets.options import IngestOptions
 from afina.core.errors import DatasetInvalid, InvalidRequest
 from afina.ingest.sources.limits import MAX_ENCRYPTED_FILE_BYTES, MiB
 
@@ -25,14 +30,25 @@ class DecryptionFailed(Exception):
     """A token did not decrypt: wrong key, damaged or not a Fernet token. Carries no secret."""
 
 
+def check_key_env(options: IngestOptions, allowed: Collection[str]) -> None:
+    """The worker's check of ``encryption.key_env``: in the tenant's set (``settings.key_envs_for``) and set
+    here; one ``InvalidRequest`` for either failure. Call it before any work on the file."""
+    check_key_env_allowed(options, allowed)
+    if options.encryption is not None and not os.environ.get(options.encryption.key_env, "").strip():
+        raise key_env_refusal(options.encryption.key_env)
+
+
 def load_fernet(key_env: str) -> FernetLike:
-    """The Fernet (or MultiFernet) for the key(s) in ``$key_env``; ``InvalidRequest`` naming the variable."""
+    """The Fernet (or MultiFernet) for the key(s) in ``$key_env``; ``InvalidRequest`` naming the variable.
+
+    ``key_env`` must have passed ``check_key_env`` for the tenant; unset, it is refused like a variable
+    that is not allowed.
+    """
     from cryptography.fernet import Fernet, MultiFernet
 
     raw = os.environ.get(key_env, "").strip()
     if not raw:
-        raise InvalidRequest(f"the encryption key variable {key_env} is not set on the ingest worker; set it to the "
-                             f"Fernet key the data was encrypted with", param="encryption.key_env")
+        raise key_env_refusal(key_env)
     keys = [part.strip() for part in raw.split(",") if part.strip()]
     try:
         fernets = [Fernet(key.encode("ascii")) for key in keys]

@@ -125,29 +125,32 @@ class IngestFailed(DatasetInvalid):
 
 # content address ---------------------------------------------------------------
 
-def model_for(options: IngestOptions) -> str:
-    """The model whose tokenizer measures this file: the options', else the catalog's default."""
+def model_for(options: IngestOptions, store: ArtifactStore | None = None) -> str:
+    """The model whose tokenizer measures this file: the options', else the catalog's default.
+
+    ``store`` reads a ``store://`` base model's family and tokenizer; every caller that can meet one passes it.
+    """
     if options.base_model:
-        return resolve_base_model(options.base_model).id
+        return resolve_base_model(options.base_model, store=store).id
     return DEFAULT_MODEL if DEFAULT_MODEL in CATALOG else next(iter(CATALOG))
 
 
-def canonical_options(options: IngestOptions) -> dict[str, Any]:
+def canonical_options(options: IngestOptions, store: ArtifactStore | None = None) -> dict[str, Any]:
     """Every option with its value (defaults included), the model resolved: what the output depends on."""
     values = options.model_dump(mode="json")
-    values["base_model"] = model_for(options)
+    values["base_model"] = model_for(options, store)
     return values
 
 
-def version_id(raw_sha256: str, options: IngestOptions) -> str:
-    spec = resolve_base_model(model_for(options))
-    material = orjson.dumps({"raw": raw_sha256, "options": canonical_options(options), "model": spec.id,
+def version_id(raw_sha256: str, options: IngestOptions, store: ArtifactStore | None = None) -> str:
+    spec = resolve_base_model(model_for(options, store), store=store)
+    material = orjson.dumps({"raw": raw_sha256, "options": canonical_options(options, store), "model": spec.id,
                              "tokenizer": spec.hf_repo, "pipeline": PIPELINE_VERSION}, option=orjson.OPT_SORT_KEYS)
     return "v-" + hashlib.sha256(material).hexdigest()[:24]
 
 
-def version_key(source: IngestSource, options: IngestOptions) -> str:
-    return dataset_version_prefix(source.tenant_id, version_id(source.sha256, options))
+def version_key(source: IngestSource, options: IngestOptions, store: ArtifactStore | None = None) -> str:
+    return dataset_version_prefix(source.tenant_id, version_id(source.sha256, options, store))
 
 
 def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any] | None:
@@ -218,7 +221,7 @@ def ingest_file(store: ArtifactStore, source: IngestSource, options: IngestOptio
     least ``parallel_min_bytes`` have their per-example work spread over ``processes`` worker
     processes (the output is the same bytes as in one process).
     """
-    key = version_key(source, options)
+    key = version_key(source, options, store)
     existing = read_manifest(store, key)
     if existing is not None:
         return IngestResult(version_key=key, manifest=existing, reused=True)
@@ -240,9 +243,9 @@ def _ingest(store: ArtifactStore, source: IngestSource, options: IngestOptions, 
     started = time.monotonic()
     raw_path = store.download_file(source.raw_key, tmp / "raw" / "upload")
     raw_bytes = raw_path.stat().st_size
-    model_id = model_for(options)
-    spec = resolve_base_model(model_id)
-    tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(model_id, str(model_cache_dir))
+    model_id = model_for(options, store)
+    spec = resolve_base_model(model_id, store=store)
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(model_id, str(model_cache_dir), store)
     context = BatchContext(options=options, tokenizer=tokenizer, family=spec.family,
                            count_every=token_count_every(raw_bytes))
     run = _Run(options=options, report=ReportWriter(tmp / "report.jsonl"),
@@ -308,9 +311,9 @@ def _ingest(store: ArtifactStore, source: IngestSource, options: IngestOptions, 
 
 
 @lru_cache(maxsize=4)
-def _tokenizer_for(model_id: str, model_cache_dir: str) -> tokens.IngestTokenizer:
+def _tokenizer_for(model_id: str, model_cache_dir: str, store: ArtifactStore | None = None) -> tokens.IngestTokenizer:
     """One loaded tokenizer per model for the worker's lifetime (loading takes ~0.1 s, building one ~10 s)."""
-    return tokens.load_tokenizer(resolve_base_model(model_id), Path(model_cache_dir))
+    return tokens.load_tokenizer(resolve_base_model(model_id, store=store), Path(model_cache_dir), store)
 
 
 def _row_issue(run: _Run, issue: RowIssue) -> None:
@@ -437,7 +440,7 @@ def _commit_splits(store: ArtifactStore, key: str, tmp: Path, run: _Run, source:
         "format": "openai-chat" if kinds == {"messages"} else ("text" if kinds == {"text"} else "mixed"),
         "version": key.rsplit("/", 1)[-1],
         "source": {"filename": source.filename, "sha256": source.sha256, "key": source.raw_key},
-        "options": canonical_options(options),
+        "options": canonical_options(options, store),
         "model": summary["model"],
         "pipeline_version": PIPELINE_VERSION,
         "counts": {**summary["counts"], **{name: run.split_counts[name] for name in SPLIT_NAMES}},

@@ -18,13 +18,16 @@ import time
 
 import orjson
 
-from afina.core.catalog import resolve_base_model
+from afina.core.catalog import check_model_access, resolve_base_model
 from afina.core.datasets.layout import INGEST_MANIFEST, dataset_prefix
 from afina.core.datasets.options import IngestOptions
 from afina.core.db import repository as repo
-from afina.core.db.models import File
-from afina.core.errors import DatasetInvalid
+from afina.core.db.models import File, Job
+from afina.core.errors import DatasetInvalid, InvalidRequest
 from afina.core.queue.jobs import JobContext
+from afina.core.runtime import Runtime
+from afina.core.training import requested_hyperparameters
+from afina.ingest.crypto import check_key_env
 from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, read_manifest, version_key
 from afina.ingest.process_file import options_of, record_failure, record_result, run_ingest, source_of
 
@@ -43,11 +46,33 @@ def job_options(row: File, model: str, role: str) -> IngestOptions:
     return IngestOptions.model_validate(values)
 
 
+def check_file_options(runtime: Runtime, row: File, options: IngestOptions, param: str) -> None:
+    """What the tenant's options name, checked again on the worker before any work: the base model (the
+    tenant's own or the operator's, paths only under ``allowed_model_dirs``) and ``encryption.key_env`` (in
+    the tenant's set and set here). A refusal names the file parameter and the option."""
+    settings = runtime.settings
+    try:
+        if options.base_model is not None:
+            check_model_access(options.base_model, row.tenant_id, settings.allowed_model_dirs, param="base_model")
+        check_key_env(options, settings.key_envs_for(row.tenant_id))
+    except InvalidRequest as exc:
+        raise DatasetInvalid(f"{row.filename}: {exc.message}", rule=exc.code, param=param) from None
+
+
+def job_base_model(runtime: Runtime, job: Job) -> str:
+    """The job's base model resolved as the trainer will (its ``chat_family``, a store model read through the
+    store), checked against the operator's ``allowed_model_dirs`` again; its id names it in the options."""
+    chat_family = requested_hyperparameters(job.hyperparameters, job.method).get("chat_family")
+    return resolve_base_model(job.model, chat_family=chat_family, store=runtime.store,
+                              allowed_model_dirs=runtime.settings.allowed_model_dirs).id
+
+
 def ensure_version(context: JobContext, row: File, options: IngestOptions, param: str) -> IngestResult:
     """The committed version of ``row`` under ``options``: reused if it exists, made otherwise."""
     runtime = context.runtime
+    check_file_options(runtime, row, options, param)
     source = source_of(row)
-    key = version_key(source, options)
+    key = version_key(source, options, runtime.store)
     manifest = read_manifest(runtime.store, key)
     if manifest is not None:
         counts = manifest.get("counts", {})
@@ -67,7 +92,7 @@ def ensure_version(context: JobContext, row: File, options: IngestOptions, param
             context.event(f"Ingest of {row.filename}: {event.rows} rows read, {event.examples} examples kept, "
                           f"{event.issues} issue(s)", data={"ingest": event.as_dict()})
 
-    own_version = version_key(source, options_of(row)) == key
+    own_version = version_key(source, options_of(row), runtime.store) == key
     try:
         result = run_ingest(runtime, source, options, on_progress)
     except IngestFailed as exc:
@@ -90,7 +115,7 @@ def prepare_dataset(context: JobContext) -> str:
         job = repo.get_job(session, None, context.job_id)
         training = repo.get_file(session, job.tenant_id, job.training_file)
         validation = repo.get_file(session, job.tenant_id, job.validation_file) if job.validation_file else None
-    model = resolve_base_model(job.model).id
+    model = job_base_model(runtime, job)
     if validation is None:
         result = ensure_version(context, training, job_options(training, model, "training_file"), "training_file")
         dataset_key = result.version_key

@@ -20,6 +20,7 @@ from afina.core.db.models import File
 from afina.core.errors import AfinaError, NotFound
 from afina.core.logging import log_event
 from afina.core.runtime import Runtime
+from afina.ingest.crypto import check_key_env
 from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, IngestSource, ingest_file, version_key
 
 log = logging.getLogger("afina.ingest")
@@ -35,6 +36,7 @@ def run_ingest(runtime: Runtime, source: IngestSource, options: IngestOptions,
     """``pipeline.ingest_file`` with this runtime's store, folders, key and worker settings: the one way both
     the upload's own ingest and a job's ingest stage run it, so both make the same version."""
     settings = runtime.settings
+    check_key_env(options, settings.key_envs_for(source.tenant_id))  # again on the worker, before any work
     return ingest_file(runtime.store, source, options, work_dir=settings.resolved_work_dir / "ingest",
                        model_cache_dir=settings.resolved_model_cache_dir, data_key=settings.data_encryption_key,
                        progress=progress, progress_every=settings.ingest_progress_every,
@@ -85,7 +87,7 @@ def process_uploaded_file(runtime: Runtime, file_id: str) -> str:
             source, options = source_of(row), options_of(row)
     except NotFound:
         return "skipped"  # deleted before its ingest ran
-    version = version_key(source, options)
+    version = version_key(source, options, runtime.store)
     _set_state(runtime, file_id, dataset_key=version,
                state={"state": "running", "version": version, "started_at": int(time.time()),
                       "progress": {"rows": 0, "examples": 0, "issues": 0, "stage": "reading"}})

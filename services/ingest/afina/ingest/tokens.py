@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from afina.core.catalog import BaseModelSpec, ChatFamily, StoreSource
+from afina.core.catalog.template_refusal import first_refused_message, refused_where
 from afina.core.errors import NotFound
 from afina.core.hfmodels import COMPLETE_MARKER, base_model_dir
 from afina.ingest.records import Example, RowIssue
@@ -300,12 +301,16 @@ def render_example(example: Example, family: ChatFamily,
     """The text the trainer tokenizes for ``example`` and the character spans it trains on.
 
     A text example (continued pretraining) is its text followed by the family's EOS token, all trained.
+    A conversation the template refuses is a ``TemplateRenderError`` naming the message it refused
+    (``messages[0]``: Gemma 2 and a system message) and the template's reason.
     """
     if example.messages is not None:
         try:
             return render_chat(family.training_template, example.messages, special_tokens)
         except Exception as exc:  # jinja2 errors, or a TypeError from a value the template adds to a str
-            raise TemplateRenderError(f"the {family.name} chat template cannot render this conversation: "
+            index = first_refused_message(
+                lambda prefix: render_chat(family.training_template, prefix, special_tokens), example.messages)
+            raise TemplateRenderError(f"the {family.name} chat template cannot render {refused_where(index)}: "
                                       f"{exc}") from exc
     text = (example.text or "") + family.eos_token
     return text, [(0, len(text))]

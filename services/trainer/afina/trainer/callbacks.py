@@ -96,7 +96,8 @@ class JobProgressCallback(TrainerCallback):
         self.step_seconds: list[float] = []
         self.attempt = 1
         self.resumed_from_step = 0
-        self.files = MetricsFiles(metrics_dir, context.runtime.store, f"{job_prefix(context.job_id)}/report")
+        self.files = MetricsFiles(metrics_dir, context.runtime.store,
+                                  f"{job_prefix(context.tenant_id, context.job_id)}/report")
         self.monitor = HardwareMonitor(self.files.append_hardware, metrics_dir, interval_s=hardware_interval_s,
                                        on_tick=self._upload_if_due)
         self.accuracy = TokenAccuracyMeter()

@@ -2,7 +2,7 @@
 
 A checkpoint is the whole directory transformers' Trainer writes (adapter,
 optimizer, scheduler, RNG states, ``trainer_state.json``), uploaded under
-``checkpoint_prefix(job_id, step)``. The database row is written after the
+``checkpoint_prefix(tenant_id, job_id, step)``. The database row is written after the
 upload completes, so a row is the commit marker: a worker killed mid-upload
 leaves objects without a row, which the next prune removes.
 """
@@ -31,17 +31,23 @@ class CheckpointRef:
     prefix: str
 
 
-def publish_checkpoint(runtime: Runtime, job_id: str, step: int, local_dir: Path, metrics: dict[str, Any],
-                       keep_last: int) -> str:
-    """Upload ``local_dir``, record it, and prune older checkpoints; returns the object prefix."""
+def publish_checkpoint(runtime: Runtime, tenant_id: str, job_id: str, step: int, local_dir: Path,
+                       metrics: dict[str, Any], keep_last: int, *, owner: str | None = None) -> str:
+    """Upload ``local_dir``, record it, and prune older checkpoints; returns the object prefix.
+
+    With ``owner`` the row is written only while that worker holds the job's lease (``LeaseLost``
+    otherwise, before anything is pruned): a stalled trainer never deletes its successor's checkpoints.
+    """
     missing = [name for name in REQUIRED_FILES if not (local_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {local_dir} lacks {missing}")
-    prefix = checkpoint_prefix(job_id, step)
+    prefix = checkpoint_prefix(tenant_id, job_id, step)
     runtime.store.upload_dir(local_dir, prefix)
     with runtime.db.session() as session:
+        if owner is not None:
+            repo.get_owned_job(session, job_id, owner)
         repo.add_checkpoint(session, job_id, step, prefix, metrics)
-    prune_checkpoints(runtime, job_id, keep_last)
+    prune_checkpoints(runtime, tenant_id, job_id, keep_last)
     return prefix
 
 
@@ -52,7 +58,7 @@ def recorded_checkpoints(runtime: Runtime, job_id: str) -> list[CheckpointRef]:
         return [CheckpointRef(step=row.step_number, prefix=row.object_prefix) for row in rows]
 
 
-def prune_checkpoints(runtime: Runtime, job_id: str, keep_last: int) -> list[int]:
+def prune_checkpoints(runtime: Runtime, tenant_id: str, job_id: str, keep_last: int) -> list[int]:
     """Keep the newest ``keep_last`` checkpoints (rows and objects); remove the rest and any orphaned upload."""
     recorded = recorded_checkpoints(runtime, job_id)
     keep, drop = recorded[:max(keep_last, 1)], recorded[max(keep_last, 1):]
@@ -60,7 +66,7 @@ def prune_checkpoints(runtime: Runtime, job_id: str, keep_last: int) -> list[int
         with runtime.db.session() as session:
             repo.delete_checkpoint_rows(session, job_id, [ref.step for ref in drop])
     kept_prefixes = {ref.prefix.rstrip("/") + "/" for ref in keep}
-    base = f"{job_prefix(job_id)}/checkpoints/"
+    base = f"{job_prefix(tenant_id, job_id)}/checkpoints/"
     stored_prefixes = {base + info.key[len(base):].split("/", 1)[0] + "/" for info in runtime.store.list(base)}
     for prefix in sorted(stored_prefixes - kept_prefixes):
         # only this job's lease holder writes here, so anything not kept is dropped or orphaned

@@ -25,9 +25,11 @@ def parent_job_of(method: dict[str, Any] | None) -> str | None:
     return init_from.get("job_id")
 
 
-def fetch_parent_adapter(store: ArtifactStore, parent_job_id: str, local_dir: Path) -> tuple[dict[str, Any], Path]:
-    """(adapter_config, weights file) of ``parent_job_id``'s committed adapter, downloaded to ``local_dir``."""
-    prefix = adapter_prefix(parent_job_id)
+def fetch_parent_adapter(store: ArtifactStore, tenant_id: str, parent_job_id: str,
+                         local_dir: Path) -> tuple[dict[str, Any], Path]:
+    """(adapter_config, weights file) of ``parent_job_id``'s committed adapter (a job of the same tenant),
+    downloaded to ``local_dir``."""
+    prefix = adapter_prefix(tenant_id, parent_job_id)
     local_dir.mkdir(parents=True, exist_ok=True)
     try:
         config = json.loads(store.get_bytes(f"{prefix}/{ADAPTER_CONFIG}"))

@@ -112,7 +112,8 @@ class LoRAFinetuneRecipe:
         self.resumed_from: int | None = None
 
     def adapter_committed(self) -> bool:
-        return self.runtime.store.exists(f"{adapter_prefix(self.context.job_id)}/{ADAPTER_MARKER}")
+        prefix = adapter_prefix(self.context.tenant_id, self.context.job_id)
+        return self.runtime.store.exists(f"{prefix}/{ADAPTER_MARKER}")
 
     # setup -----------------------------------------------------------------
 
@@ -261,7 +262,8 @@ class LoRAFinetuneRecipe:
         model = load_trainable_model(self.backend, request)
         parent_job = parent_job_of(self.job.method)
         if parent_job is not None:
-            config, weights = fetch_parent_adapter(self.runtime.store, parent_job, self.work_dir / "parent")
+            config, weights = fetch_parent_adapter(self.runtime.store, self.context.tenant_id, parent_job,
+                                                   self.work_dir / "parent")
             check_compatible(config, self.config.lora_r, request.target_modules)
             loaded = load_parent_weights(model, weights)
             self.context.event(f"Continuing from the adapter of job {parent_job} ({loaded} LoRA tensors)")
@@ -392,8 +394,8 @@ class LoRAFinetuneRecipe:
 
     def save_checkpoint(self, step: int, local_dir: Path, metrics: dict[str, Any]) -> None:
         """Publish the Trainer's checkpoint of ``step`` (upload, row, prune); called by the callback."""
-        checkpoints.publish_checkpoint(self.runtime, self.context.job_id, step, local_dir, metrics,
-                                       self.settings.checkpoint_keep_last)
+        checkpoints.publish_checkpoint(self.runtime, self.context.tenant_id, self.context.job_id, step, local_dir,
+                                       metrics, self.settings.checkpoint_keep_last, owner=self.context.owner)
         self.context.event(f"Checkpoint saved at step {step}")
 
     def load_checkpoint(self) -> Path | None:
@@ -422,7 +424,7 @@ class LoRAFinetuneRecipe:
         self.tokenizer.chat_template = self.spec.family.stock_template
         self.tokenizer.save_pretrained(str(adapter_dir))
         state = self.trainer.state
-        prefix = adapter_prefix(self.context.job_id)
+        prefix = adapter_prefix(self.context.tenant_id, self.context.job_id)
         store = self.runtime.store
         store.delete_prefix(prefix + "/")
         store.upload_dir(adapter_dir, prefix)
@@ -454,7 +456,7 @@ class LoRAFinetuneRecipe:
             resumed_from=self.resumed_from, hardware=describe_hardware())
         files = build_report(facts, self.callback.files.read_bytes(TRAINING_METRICS_FILE),
                              self.callback.files.read_bytes(HARDWARE_METRICS_FILE))
-        prefix = f"{job_prefix(self.context.job_id)}/report"
+        prefix = f"{job_prefix(self.context.tenant_id, self.context.job_id)}/report"
         store = self.runtime.store
         store.put_bytes(f"{prefix}/metrics.jsonl", metrics_jsonl(metric_records(state.log_history)))
         published = [(name, store.put_bytes(f"{prefix}/{name}", data)) for name, data in files.items()]

@@ -9,6 +9,7 @@ local path, a ``.gguf`` file, a ``store://`` URI or a cached Hub id (see ``regis
 
 from __future__ import annotations
 
+from afina.core.catalog.access import check_model_access
 from afina.core.catalog.chatml import (
     CHATML,
     CHATML_OLLAMA_TEMPLATE,
@@ -46,6 +47,6 @@ __all__ = [
     "CATALOG", "CHATML", "CHATML_OLLAMA_TEMPLATE", "DEEPSEEK_R1_LLAMA", "DEEPSEEK_R1_QWEN", "DEFAULT_TARGET_MODULES",
     "FAMILIES", "GEMMA2", "GEMMA3", "LLAMA31", "LLAMA32", "MISTRAL", "QWEN3", "QWEN25", "SMOLLM2_STOCK_TEMPLATE",
     "SMOLLM2_TRAINING_TEMPLATE", "BaseModelSpec", "ChatFamily", "GgufFileSource", "GgufPackageSource", "HubSource",
-    "LocalPathSource", "ModelSource", "StoreSource", "catalog_model", "estimate_parameters", "family_by_name",
-    "find_hub_snapshot", "hub_cache_dir", "resolve_base_model",
+    "LocalPathSource", "ModelSource", "StoreSource", "catalog_model", "check_model_access", "estimate_parameters",
+    "family_by_name", "find_hub_snapshot", "hub_cache_dir", "resolve_base_model",
 ]

@@ -18,18 +18,45 @@ from afina.core.errors import InvalidRequest
 MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-MAX_STRING = 64 * 1024 * 1024
+# A header is user input (a .gguf path or store:// model): these bound what reading one may cost. Real
+# models stay far below them (a 262k-token vocabulary, a few 100k merges, tens of MB of header in all).
+MAX_STRING = 64 * 1024 * 1024  # bytes of one string (a chat template is a few KB)
+MAX_ARRAY_ITEMS = 2 * 1024 * 1024  # items of one array (8x the largest vocabulary; bounds the time too)
+MAX_ARRAY_DEPTH = 4  # arrays of arrays (the format allows nesting; no model uses more than one level)
+MAX_PAIRS = 1024 * 1024  # key-value pairs
+MAX_HEADER_BYTES = 256 * 1024 * 1024  # bytes read before the header ends
+_SKIP_CHUNK = 1024 * 1024
+
+
+class GgufMetadataError(ValueError):
+    """The header is not one afina reads: malformed, or past a limit above."""
 
 
 class _Reader:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
+        self.consumed = 0
+
+    def _budget(self, size: int) -> None:
+        self.consumed += size
+        if self.consumed > MAX_HEADER_BYTES:
+            raise GgufMetadataError(f"GGUF header is larger than {MAX_HEADER_BYTES // (1024 * 1024)} MiB")
 
     def take(self, size: int) -> bytes:
+        self._budget(size)
         data = self.stream.read(size)
         if len(data) != size:
-            raise EOFError("GGUF header ends early")
+            raise GgufMetadataError("GGUF header ends early")
         return data
+
+    def skip(self, size: int) -> None:
+        """Move past ``size`` bytes in bounded reads (a huge count never becomes one huge allocation)."""
+        self._budget(size)
+        while size > 0:
+            data = self.stream.read(min(size, _SKIP_CHUNK))
+            if not data:
+                raise GgufMetadataError("GGUF header ends early")
+            size -= len(data)
 
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
@@ -37,47 +64,76 @@ class _Reader:
     def string(self) -> str:
         size = self.unpack("<Q")
         if size > MAX_STRING:
-            raise ValueError(f"GGUF string of {size} bytes")
+            raise GgufMetadataError(f"GGUF string of {size} bytes (more than {MAX_STRING // (1024 * 1024)} MiB)")
         return self.take(size).decode("utf-8", errors="replace")
 
-    def value(self, kind: int, keep: bool) -> Any:
+    def value(self, kind: int, keep: bool, depth: int = 0) -> Any:
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GgufMetadataError(f"GGUF arrays nested more than {MAX_ARRAY_DEPTH} deep")
             item_kind, count = self.unpack("<I"), self.unpack("<Q")
+            if count > MAX_ARRAY_ITEMS:
+                raise GgufMetadataError(f"GGUF array of {count} items (more than {MAX_ARRAY_ITEMS})")
             if not keep and item_kind in _SCALARS:
-                self.take(count * struct.calcsize(_SCALARS[item_kind]))
+                self.skip(count * struct.calcsize(_SCALARS[item_kind]))
                 return count
-            items = [self.value(item_kind, keep) for _ in range(count)]
-            return items if keep else count
-        raise ValueError(f"unknown GGUF value type {kind}")
+            if not keep:
+                for _ in range(count):
+                    self.value(item_kind, keep, depth + 1)
+                return count
+            return [self.value(item_kind, keep, depth + 1) for _ in range(count)]
+        raise GgufMetadataError(f"unknown GGUF value type {kind}")
 
 
 def read_gguf_metadata(stream: BinaryIO, *, keep_arrays: bool = False) -> dict[str, Any]:
-    """Every key-value pair of the header; an array is replaced by its length unless ``keep_arrays``."""
+    """Every key-value pair of the header; an array is replaced by its length unless ``keep_arrays``.
+
+    Raises ``GgufMetadataError`` (a ``ValueError``) for a header that is malformed or past a limit.
+    """
     reader = _Reader(stream)
-    if reader.take(4) != MAGIC:
-        raise ValueError("not a GGUF file (bad magic)")
-    version = reader.unpack("<I")
-    count_format = "<I" if version == 1 else "<Q"
-    reader.unpack(count_format)  # tensor count
-    pairs = reader.unpack(count_format)
-    metadata: dict[str, Any] = {}
-    for _ in range(pairs):
-        key = reader.string()
-        metadata[key] = reader.value(reader.unpack("<I"), keep_arrays)
+    try:
+        if reader.take(4) != MAGIC:
+            raise GgufMetadataError("not a GGUF file (bad magic)")
+        version = reader.unpack("<I")
+        count_format = "<I" if version == 1 else "<Q"
+        reader.unpack(count_format)  # tensor count
+        pairs = reader.unpack(count_format)
+        if pairs > MAX_PAIRS:
+            raise GgufMetadataError(f"GGUF header claims {pairs} key-value pairs (more than {MAX_PAIRS})")
+        metadata: dict[str, Any] = {}
+        for _ in range(pairs):
+            key = reader.string()
+            metadata[key] = reader.value(reader.unpack("<I"), keep_arrays)
+    except struct.error as exc:
+        raise GgufMetadataError(f"GGUF header is malformed ({exc})") from None
     return metadata
 
 
-def gguf_metadata(path: Path) -> dict[str, Any]:
-    """``read_gguf_metadata`` of a file, with a 400 naming ``model`` when it is no readable GGUF."""
+def read_gguf_stream(stream: BinaryIO, *, name: str) -> dict[str, Any]:
+    """``read_gguf_metadata`` with a 400 naming the model (``name``, as the user gave it) when it is no readable
+    GGUF; the message says what is wrong with the header, never where the file is."""
+    try:
+        return read_gguf_metadata(stream)
+    except (ValueError, EOFError) as exc:
+        raise InvalidRequest(f"model {name!r} is not a readable GGUF file: {exc}", param="model",
+                             code="invalid_gguf") from None
+    except OSError:  # its text may carry a path
+        raise InvalidRequest(f"model {name!r} is not a readable GGUF file", param="model",
+                             code="invalid_gguf") from None
+
+
+def gguf_metadata(path: Path, *, name: str | None = None) -> dict[str, Any]:
+    """``read_gguf_stream`` of a file; ``name`` is what the user called it (the file name by default)."""
     try:
         with path.open("rb") as handle:
-            return read_gguf_metadata(handle)
-    except (OSError, ValueError, EOFError, struct.error) as exc:
-        raise InvalidRequest(f"{path} is not a readable GGUF file: {exc}", param="model") from None
+            return read_gguf_stream(handle, name=name or path.name)
+    except OSError:
+        raise InvalidRequest(f"model {name or path.name!r} is not a readable GGUF file", param="model",
+                             code="invalid_gguf") from None
 
 
 class ChunkStream:

@@ -10,6 +10,7 @@ and listing the catalog, at job creation.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from afina.core.catalog import chatml, deepseek_r1, gemma, llama3, mistral, qwen2_5, qwen3
 from afina.core.catalog.detect import detect_family
 from afina.core.catalog.family import ChatFamily
-from afina.core.catalog.gguf_metadata import ChunkStream, config_from_gguf, gguf_metadata, read_gguf_metadata
+from afina.core.catalog.gguf_metadata import ChunkStream, config_from_gguf, gguf_metadata, read_gguf_stream
 from afina.core.catalog.sources import GgufFileSource, HubSource, ModelSource, StoreSource, parse_model_reference
 from afina.core.catalog.spec import BaseModelSpec
 from afina.core.errors import InvalidRequest
@@ -58,19 +59,21 @@ def catalog_model(name: str) -> BaseModelSpec | None:
     return _BY_NAME.get(name.lower())
 
 
-def resolve_base_model(name: str, *, chat_family: str | None = None,
-                       store: ArtifactStore | None = None) -> BaseModelSpec:
+def resolve_base_model(name: str, *, chat_family: str | None = None, store: ArtifactStore | None = None,
+                       allowed_model_dirs: Sequence[Path] | None = None) -> BaseModelSpec:
     """The base model ``name`` names; ``chat_family`` overrides the family (a catalog model's included).
 
     ``store`` lets a ``store://`` model's family be read from its files; without it such a model needs
-    ``chat_family``. Raises ``InvalidRequest`` (param ``model``) for a name that names nothing.
+    ``chat_family``. ``allowed_model_dirs`` (the operator's ``settings.allowed_model_dirs``) is given
+    wherever ``name`` comes from a user: a local path outside those directories is refused before anything
+    is read (see ``access``). Raises ``InvalidRequest`` (param ``model``) for a name that names nothing.
     """
     spec = catalog_model(name)
     if spec is not None:
         if chat_family is not None and chat_family != spec.family.name:
             spec = replace(spec, family=family_by_name(chat_family))
         return spec
-    source = parse_model_reference(name)
+    source = parse_model_reference(name, allowed_model_dirs=allowed_model_dirs)
     if source is None:
         raise InvalidRequest(
             f"model {name!r} is not a base model afina can fine-tune; available: {sorted(CATALOG)} (or a local "
@@ -82,6 +85,10 @@ def resolve_base_model(name: str, *, chat_family: str | None = None,
 def _custom_spec(name: str, source: ModelSource, chat_family: str | None,
                  store: ArtifactStore | None) -> BaseModelSpec:
     config, tokenizer_config, template = _read_model_files(name, source, store, need_family=chat_family is None)
+    text_config = config.get("text_config") or config
+    if not isinstance(text_config, dict):
+        raise InvalidRequest(f"model {name!r}: text_config in its config.json is not a JSON object", param="model",
+                             code="invalid_model_config")
     if chat_family is not None:
         family = family_by_name(chat_family)
     else:
@@ -92,11 +99,10 @@ def _custom_spec(name: str, source: ModelSource, chat_family: str | None,
                                  f"hyperparameters.chat_family to one of {sorted(FAMILIES)}",
                                  param="hyperparameters.chat_family", code="unknown_chat_family")
         family = detected
-    text_config = config.get("text_config") or config
     return BaseModelSpec(
         id=name, display_name=name, family=family, source=source,
         parameters=estimate_parameters(text_config),
-        context_length=int(text_config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH),
+        context_length=_context_length(name, text_config.get("max_position_embeddings")),
         hf_repo=source.repo if isinstance(source, HubSource) else name, catalog=False,
     )
 
@@ -105,8 +111,8 @@ def _read_model_files(name: str, source: ModelSource, store: ArtifactStore | Non
                       need_family: bool) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
     """``config.json`` and ``tokenizer_config.json`` of a model (or their GGUF equivalents) and its chat template."""
     if isinstance(source, GgufFileSource):
-        metadata = gguf_metadata(_exists(name, source.path))
-        return config_from_gguf(metadata), None, metadata.get("tokenizer.chat_template")
+        metadata = gguf_metadata(_exists(name, source.path), name=name)
+        return config_from_gguf(metadata), None, _template_text(name, metadata.get("tokenizer.chat_template"))
     if isinstance(source, StoreSource):
         if store is None:
             if need_family:
@@ -117,32 +123,82 @@ def _read_model_files(name: str, source: ModelSource, store: ArtifactStore | Non
         if source.format == "gguf":
             if not store.exists(source.prefix):
                 raise InvalidRequest(f"{name} does not exist in the store", param="model")
-            metadata = read_gguf_metadata(ChunkStream(store.iter_chunks(source.prefix)))  # type: ignore[arg-type]
-            return config_from_gguf(metadata), None, metadata.get("tokenizer.chat_template")
-        config = source.read_json(store, "config.json")
-        if config is None:
+            stream = ChunkStream(store.iter_chunks(source.prefix))
+            metadata = read_gguf_stream(stream, name=name)  # type: ignore[arg-type]
+            return config_from_gguf(metadata), None, _template_text(name, metadata.get("tokenizer.chat_template"))
+        config_bytes = _store_bytes(store, f"{source.prefix}/config.json")
+        if config_bytes is None:
             raise InvalidRequest(f"{name} holds no config.json: upload a transformers model folder there",
                                  param="model")
-        template_key = f"{source.prefix}/chat_template.jinja"
-        template = store.get_bytes(template_key).decode() if store.exists(template_key) else None
-        return config, source.read_json(store, "tokenizer_config.json"), template
+        tokenizer_bytes = _store_bytes(store, f"{source.prefix}/tokenizer_config.json")
+        template_bytes = _store_bytes(store, f"{source.prefix}/chat_template.jinja")
+        return (_json_object(name, "config.json", config_bytes),
+                None if tokenizer_bytes is None else _json_object(name, "tokenizer_config.json", tokenizer_bytes),
+                None if template_bytes is None else _text(name, "chat_template.jinja", template_bytes))
     folder = source.locate() if isinstance(source, HubSource) else _exists(name, source.path)
     if not (folder / "config.json").is_file():
         raise InvalidRequest(f"{name} is not a transformers model folder (no config.json)", param="model")
-    tokenizer_config = _json_or_none(folder / "tokenizer_config.json")
-    template_file = folder / "chat_template.jinja"
-    template = template_file.read_text() if template_file.is_file() else None
-    return json.loads((folder / "config.json").read_text()), tokenizer_config, template
+    tokenizer_file, template_file = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    tokenizer_config = (_json_object(name, "tokenizer_config.json", tokenizer_file.read_bytes())
+                        if tokenizer_file.is_file() else None)
+    template = _text(name, "chat_template.jinja", template_file.read_bytes()) if template_file.is_file() else None
+    return _json_object(name, "config.json", (folder / "config.json").read_bytes()), tokenizer_config, template
 
 
 def _exists(name: str, path: Path) -> Path:
     if not path.exists():
-        raise InvalidRequest(f"model {name!r}: {path} does not exist on this machine", param="model")
+        raise InvalidRequest(f"model {name!r} does not exist on this machine", param="model")
     return path
 
 
-def _json_or_none(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _store_bytes(store: ArtifactStore, key: str) -> bytes | None:
+    return store.get_bytes(key) if store.exists(key) else None
+
+
+def _text(name: str, filename: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"model {name!r}: its {filename} is not UTF-8 text", param="model",
+                             code="invalid_model_config") from None
+
+
+def _json_object(name: str, filename: str, raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; a 400 naming the model and the file for anything else (a list, a
+    string, invalid JSON): a model folder is user input, its files are read only through here."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: a file of nothing but nested brackets
+        raise InvalidRequest(f"model {name!r}: its {filename} is not valid JSON", param="model",
+                             code="invalid_model_config") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"model {name!r}: its {filename} is a JSON {_json_kind(value)}, not an object "
+                             f"({{\"model_type\": ...}})", param="model", code="invalid_model_config")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _template_text(name: str, template: Any) -> str | None:
+    """A GGUF's ``tokenizer.chat_template``: a string, or absent; any other type is a broken file."""
+    if template is None or isinstance(template, str):
+        return template
+    raise InvalidRequest(f"model {name!r}: its tokenizer.chat_template is not a string", param="model",
+                         code="invalid_model_config")
+
+
+def _context_length(name: str, value: Any) -> int:
+    """``max_position_embeddings`` as a positive int (the default when absent); a 400 for anything else."""
+    if value is None or value == 0:
+        return DEFAULT_CONTEXT_LENGTH
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(f"model {name!r}: max_position_embeddings in its config is {value!r}, not a positive "
+                             f"integer", param="model", code="invalid_model_config")
+    return value
 
 
 def estimate_parameters(config: dict[str, Any]) -> int:
@@ -154,9 +210,9 @@ def estimate_parameters(config: dict[str, Any]) -> int:
         vocab = int(config["vocab_size"])
         heads = int(config.get("num_attention_heads") or 1)
         kv_heads = int(config.get("num_key_value_heads") or heads)
-    except (KeyError, TypeError, ValueError):
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError):  # a config is user input
         return 0
-    head_dim = int(config.get("head_dim") or hidden // heads)
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
     return embeddings + layers * (attention + 3 * hidden * intermediate)

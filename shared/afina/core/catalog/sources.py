@@ -5,7 +5,8 @@
 - ``HubSource``: a Hugging Face Hub repository, read only from the local Hub cache (``HF_HUB_CACHE``,
   else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``); a repository missing from it is an error that says
   how to fetch it on a connected machine, never a download.
-- ``LocalPathSource``: a transformers folder (``config.json``, weights, tokenizer) on this machine.
+- ``LocalPathSource``: a transformers folder (``config.json``, weights, tokenizer) on this machine. A user may
+  name one (or a ``GgufFileSource``) only under the operator's ``allowed_model_dirs`` (``access``).
 - ``StoreSource``: a transformers folder (or one ``.gguf``) under a prefix of afina's object store,
   named ``store://<prefix>``; downloaded into the model cache when the model is prepared.
 
@@ -15,18 +16,18 @@ Nothing here imports torch: the gateway resolves base models too.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from afina.core.catalog.access import FILE_SCHEME, STORE_SCHEME, allowed_local_path, is_local_reference
 from afina.core.errors import InvalidRequest, NotFound
 
 if TYPE_CHECKING:
     from afina.core.store import ArtifactStore
 
-STORE_SCHEME = "store://"
 GGUF_SUFFIX = ".gguf"
 NOT_CACHED_CODE = "base_model_not_cached"
 
@@ -124,12 +125,6 @@ class StoreSource:
         store.download_dir(self.prefix, local_dir)
         return local_dir
 
-    def read_json(self, store: ArtifactStore, filename: str) -> dict[str, Any] | None:
-        key = f"{self.prefix}/{filename}"
-        if not store.exists(key):
-            return None
-        return json.loads(store.get_bytes(key))
-
     def describe(self) -> str:
         return self.uri
 
@@ -177,19 +172,26 @@ def hub_snapshot(repo: str) -> Path:
     return found
 
 
-def parse_model_reference(name: str) -> ModelSource | None:
+def parse_model_reference(name: str, *, allowed_model_dirs: Sequence[Path] | None = None) -> ModelSource | None:
     """The source a model string names when it is not a catalog id: a ``store://`` URI, a ``.gguf`` file,
-    a local folder, or a Hub id in the local cache; None when it names none of them."""
+    a local folder, or a Hub id in the local cache; None when it names none of them.
+
+    ``allowed_model_dirs`` is the operator's list (``settings.allowed_model_dirs``) where the name comes
+    from a user: a path outside it (or any path, when it is empty) is refused with one message that does
+    not say whether the path exists. None skips that check, for names already checked where they entered
+    (a stored job's ``model``).
+    """
     if name.startswith(STORE_SCHEME):
         prefix = name.removeprefix(STORE_SCHEME).strip("/")
         if not prefix or ".." in prefix.split("/"):
             raise InvalidRequest(f"model {name!r}: a store URI is store://<prefix>, e.g. store://models/acme/base",
                                  param="model")
         return StoreSource(prefix)
-    if name.startswith("file://"):
-        name = name.removeprefix("file://")
-    if name.startswith(("/", "./", "../", "~")):
-        path = Path(name).expanduser().resolve()
+    if is_local_reference(name):
+        if allowed_model_dirs is not None:
+            path = allowed_local_path(name, allowed_model_dirs)
+        else:
+            path = Path(name.removeprefix(FILE_SCHEME)).expanduser().resolve()
         if name.endswith(GGUF_SUFFIX):
             return GgufFileSource(path)
         return LocalPathSource(path)

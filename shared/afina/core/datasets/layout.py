@@ -35,16 +35,17 @@ INGEST_ARTIFACTS: dict[str, tuple[str, str]] = {  # name -> (object name, media 
 }
 
 
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}"
+def job_prefix(tenant_id: str, job_id: str) -> str:
+    """A job's own objects (checkpoints, adapter, report): under its tenant, like every other key."""
+    return f"jobs/{tenant_id}/{job_id}"
 
 
-def checkpoint_prefix(job_id: str, step: int) -> str:
-    return f"jobs/{job_id}/checkpoints/step-{step:07d}"
+def checkpoint_prefix(tenant_id: str, job_id: str, step: int) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/checkpoints/step-{step:07d}"
 
 
-def adapter_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/adapter"
+def adapter_prefix(tenant_id: str, job_id: str) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/adapter"
 
 
 def model_prefix(tenant_id: str, job_id: str) -> str:

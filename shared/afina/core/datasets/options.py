@@ -57,14 +57,51 @@ class ColumnMapping(StrictModel):
     required_columns: list[str] = Field(default_factory=list)
 
 
+# ignore_patterns run on every line of a transcript (up to 128 MiB of text). The engine is RE2: its
+# time is linear in the line (no backtracking, so ``^(a|a)*$`` cannot explode) and proportional to the
+# compiled patterns' size, which these caps bound; all are checked when the options are parsed.
+# Measured worst case at the cap: ~0.2 s per MiB of text on one core.
+MAX_IGNORE_PATTERNS = 32
+MAX_IGNORE_PATTERN_CHARS = 512
+MAX_IGNORE_PROGRAM_SIZE = 5000  # RE2 instructions, all patterns together: ``\p{L}+`` is 1201, ``.{300}`` 2404
+MAX_SPEAKERS = 32
+MAX_SPEAKER_PREFIX_CHARS = 40  # the transcript parser looks for a prefix in a line's first 40 characters
+
+
+def compile_ignore_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by RE2 (an ``re2`` pattern object: ``.search(line)``); ``ValueError`` saying why not.
+
+    RE2 has Python's syntax without what needs backtracking: no back-references (``\\1``) and no
+    look-arounds (``(?=``, ``(?<=``). ``\\w``, ``\\d`` and ``\\b`` are ASCII-only there; ``\\p{L}`` is
+    any letter.
+    """
+    import re2
+
+    if len(pattern) > MAX_IGNORE_PATTERN_CHARS:
+        raise ValueError(f"is {len(pattern)} characters long; at most {MAX_IGNORE_PATTERN_CHARS} are allowed")
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = 8 << 20
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) \
+            else str(exc)
+        hint = " (back-references and look-arounds are not supported: patterns run with RE2, which never " \
+               "backtracks)" if "perl operator" in reason or "escape sequence" in reason else ""
+        raise ValueError(f"is not a regular expression afina can run: {reason}{hint}") from None
+    return compiled
+
+
 class TranscriptOptions(StrictModel):
     """A chat log as text: lines starting with a speaker prefix open a turn; other lines continue it.
 
     By default every answered user turn becomes one example (``max_turns_per_example``).
 
-    Lines matching one of ``ignore_patterns`` (regular expressions) are noise and skipped; a turn
-    the other side never answered is dropped; a blank-line run of ``conversation_gap`` lines or more
-    (0 = never) starts a new conversation.
+    Lines matching one of ``ignore_patterns`` (regular expressions, run with RE2: see
+    ``compile_ignore_pattern``) are noise and skipped; a turn the other side never answered is
+    dropped; a blank-line run of ``conversation_gap`` lines or more (0 = never) starts a new
+    conversation.
     """
 
     speakers: dict[str, Literal["system", "user", "assistant"]] = Field(
@@ -81,6 +118,29 @@ class TranscriptOptions(StrictModel):
         roles = set(value.values())
         if not {"user", "assistant"} <= roles:
             raise ValueError("speakers must map at least one prefix to 'user' and one to 'assistant'")
+        if len(value) > MAX_SPEAKERS:
+            raise ValueError(f"{len(value)} speakers given; at most {MAX_SPEAKERS} are allowed")
+        for prefix in value:
+            if len(prefix.strip()) > MAX_SPEAKER_PREFIX_CHARS:
+                raise ValueError(f"speaker prefix {prefix[:MAX_SPEAKER_PREFIX_CHARS]!r}... is longer than "
+                                 f"{MAX_SPEAKER_PREFIX_CHARS} characters; a prefix is matched at the start of a line")
+        return value
+
+    @field_validator("ignore_patterns")
+    @classmethod
+    def _patterns_run_in_linear_time(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_IGNORE_PATTERNS:
+            raise ValueError(f"{len(value)} patterns given; at most {MAX_IGNORE_PATTERNS} are allowed")
+        program_size = 0
+        for index, pattern in enumerate(value):
+            try:
+                program_size += compile_ignore_pattern(pattern).programsize
+            except ValueError as exc:
+                raise ValueError(f"transcript.ignore_patterns[{index}] {exc}") from None
+            if program_size > MAX_IGNORE_PROGRAM_SIZE:
+                raise ValueError(f"transcript.ignore_patterns[{index}] brings the compiled patterns to {program_size} "
+                                 f"instructions, over the limit of {MAX_IGNORE_PROGRAM_SIZE}; use shorter patterns "
+                                 f"(large {{n}} repetitions cost the most)")
         return value
 
 

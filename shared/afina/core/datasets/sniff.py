@@ -209,7 +209,8 @@ def check_archive(path: Path, filename: str, *, max_expanded_bytes: int) -> None
     """
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    # a corrupt central directory also raises these: a version zipfile does not read, a name not in UTF-8
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
         raise InvalidRequest(f"{filename} is not a valid ZIP archive ({exc})", param="file",
                              code="invalid_file_format") from None
     with archive:

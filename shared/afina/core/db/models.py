@@ -38,6 +38,10 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # epoch seconds; a key past ``expires_at`` authenticates no more (None: never expires)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class File(Base):
@@ -127,3 +131,25 @@ class Model(Base):
     job_id: Mapped[str] = mapped_column(String(40), unique=True)
     artifacts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class OutboxMessage(Base):
+    """A queue message written in the same transaction as the state change that calls for it.
+
+    The sender tries to deliver it right after the commit; a relay in every worker delivers what
+    a crashed sender or an unreachable broker left behind. Delivery is at least once: stages drop
+    a duplicate through the job's lease and stage.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "sent_at", "available_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(128))
+    queue: Mapped[str] = mapped_column(String(64))
+    subject_id: Mapped[str] = mapped_column(String(40), index=True)  # the job or file the message moves
+    created_at: Mapped[float] = mapped_column(Float)
+    available_at: Mapped[float] = mapped_column(Float)  # not sent before (a requeue after a transient fault)
+    claimed_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    send_attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from afina.core import ids
+from afina.core.db.clock import database_time, now_sql
 from afina.core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, Tenant, now
-from afina.core.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from afina.core.errors import AuthenticationFailed, Conflict, InvalidRequest, LeaseLost, NotFound
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"validating_files", "queued", "running"})
@@ -36,20 +38,98 @@ def ensure_tenant(session: Session, tenant_id: str) -> Tenant:
     return tenant
 
 
-def create_api_key(session: Session, tenant_id: str) -> str:
-    """Create a key for a tenant (made if new); the plaintext is returned once and never stored."""
+API_KEY_PREFIX_CHARS = 10  # "afk-" and 6 more: enough to tell keys apart, too short to be worth anything
+API_KEY_NAME_MAX = 128
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """What may be shown about a key: never its hash, never its plaintext."""
+
+    prefix: str
+    tenant_id: str
+    name: str | None
+    created_at: int
+    expires_at: int | None
+    revoked: bool
+    revoked_at: int | None  # None for a key revoked before revocation times were kept
+
+    def state(self, moment: float | None = None) -> str:
+        """``active``, ``revoked`` or ``expired`` (at ``moment``, default now)."""
+        if self.revoked:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (time.time() if moment is None else moment):
+            return "expired"
+        return "active"
+
+
+def _key_info(row: ApiKey) -> ApiKeyInfo:
+    return ApiKeyInfo(prefix=row.prefix, tenant_id=row.tenant_id, name=row.name, created_at=row.created_at,
+                      expires_at=row.expires_at, revoked=bool(row.revoked or row.revoked_at is not None),
+                      revoked_at=row.revoked_at)
+
+
+def create_api_key(session: Session, tenant_id: str, *, expires_at: int | None = None,
+                   name: str | None = None) -> str:
+    """Create a key for a tenant (made if new); the plaintext is returned once and never stored.
+
+    ``expires_at`` (epoch seconds) ends the key's life by itself; ``name`` says what it is for. The
+    key's prefix is unique among stored keys, so ``revoke_api_key`` can name it by that alone.
+    """
+    if name is not None and (not name.strip() or len(name) > API_KEY_NAME_MAX):
+        raise InvalidRequest(f"a key's name has 1 to {API_KEY_NAME_MAX} characters", param="name")
+    if expires_at is not None and expires_at <= time.time():
+        raise InvalidRequest("a key's expiry must lie in the future", param="expires_at")
     ensure_tenant(session, tenant_id)
-    api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(key_hash=hash_api_key(api_key), prefix=api_key[:10], tenant_id=tenant_id))
+    while True:
+        api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        prefix = api_key[:API_KEY_PREFIX_CHARS]
+        if session.scalars(select(ApiKey.prefix).where(ApiKey.prefix == prefix)).first() is None:
+            break
+    session.add(ApiKey(key_hash=hash_api_key(api_key), prefix=prefix, tenant_id=tenant_id, name=name,
+                       expires_at=expires_at))
     return api_key
 
 
+def list_api_keys(session: Session, tenant_id: str | None = None) -> list[ApiKeyInfo]:
+    """Every key (of ``tenant_id``, or of all tenants with None), oldest first, revoked and expired too."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.prefix)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    return [_key_info(row) for row in session.scalars(query)]
+
+
+def revoke_api_key(session: Session, prefix_or_key: str, tenant_id: str | None = None) -> ApiKeyInfo:
+    """Revoke the key with this prefix (as ``list_api_keys`` shows it) or this plaintext; it never
+    authenticates again. Revoking a revoked key changes nothing. ``tenant_id`` limits the search.
+    """
+    shown = prefix_or_key[:API_KEY_PREFIX_CHARS]  # a plaintext key is never echoed whole
+    if len(prefix_or_key) > API_KEY_PREFIX_CHARS:
+        rows = [row for row in [session.get(ApiKey, hash_api_key(prefix_or_key))] if row is not None]
+    else:
+        rows = list(session.scalars(select(ApiKey).where(ApiKey.prefix == prefix_or_key)))
+    if tenant_id is not None:
+        rows = [row for row in rows if row.tenant_id == tenant_id]
+    if not rows:
+        raise NotFound(f"no such API key: {shown}", param="key")
+    if len(rows) > 1:  # keys made before prefixes were unique
+        raise Conflict(f"{len(rows)} keys start with {shown}; revoke one by its full key", param="key")
+    row = rows[0]
+    if not row.revoked:
+        row.revoked, row.revoked_at = True, now()
+    return _key_info(row)
+
+
 def authenticate(session: Session, api_key: str | None) -> str:
-    """The tenant owning ``api_key``; ``AuthenticationFailed`` otherwise."""
+    """The tenant owning ``api_key``; ``AuthenticationFailed`` otherwise.
+
+    An unknown, revoked and expired key get the same answer: a caller learns nothing about which keys exist.
+    """
     if not api_key:
         raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
     row = session.get(ApiKey, hash_api_key(api_key))
-    if row is None or row.revoked:
+    if row is None or row.revoked or row.revoked_at is not None \
+            or (row.expires_at is not None and row.expires_at <= time.time()):
         raise AuthenticationFailed("incorrect API key provided")
     return row.tenant_id
 
@@ -157,8 +237,7 @@ def request_cancel(session: Session, tenant_id: str, job_id: str) -> Job:
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id} is already {job.status} and cannot be cancelled", param="fine_tuning_job_id")
     job.cancel_requested = True
-    lease_alive = job.lease_owner is not None and (job.lease_expires_at or 0) > time.time()
-    if not lease_alive:
+    if not lease_alive(session, job):
         set_status(session, job, "cancelled", message="Job cancelled")
     else:
         add_event(session, job.id, "Cancellation requested")
@@ -226,40 +305,67 @@ def count_models_for_job(session: Session, job_id: str) -> int:
 
 
 # leases ---------------------------------------------------------------------
+# Every deadline is computed and compared on the database's clock (``afina.core.db.clock``), never a host's.
 
 def acquire_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool:
-    """Take the job's lease if free or expired; True if this owner now holds it."""
-    moment = time.time()
+    """Take the job's lease if free or expired; True if this owner now holds it (``attempts`` counts it)."""
+    moment = now_sql(session)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id,
                or_(Job.lease_owner.is_(None), Job.lease_expires_at < moment, Job.lease_owner == owner))
         .values(lease_owner=owner, lease_expires_at=moment + ttl_s, attempts=Job.attempts + 1)
+        .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
 
 
 def renew_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool:
     result = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
-                             .values(lease_expires_at=time.time() + ttl_s))
+                             .values(lease_expires_at=now_sql(session) + ttl_s)
+                             .execution_options(synchronize_session=False))
     return result.rowcount == 1
 
 
-def release_lease(session: Session, job_id: str, owner: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
-                    .values(lease_owner=None, lease_expires_at=None))
+def release_lease(session: Session, job_id: str, owner: str, *, uncount_attempt: bool = False) -> None:
+    """Free the lease; ``uncount_attempt`` when the stage stopped for a reason of the worker's (a drain, a
+    passing infrastructure fault) rather than dying, so it does not count against ``max_stage_attempts``."""
+    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+    if uncount_attempt:
+        values["attempts"] = func.max(Job.attempts - 1, 0) if session.get_bind().dialect.name == "sqlite" \
+            else func.greatest(Job.attempts - 1, 0)
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(**values)
+                    .execution_options(synchronize_session=False))
+
+
+def lease_alive(session: Session, job: Job) -> bool:
+    """Whether some worker holds ``job``'s lease now, by the database's clock."""
+    return job.lease_owner is not None and (job.lease_expires_at or 0) > database_time(session)
+
+
+def get_owned_job(session: Session, job_id: str, owner: str) -> Job:
+    """The job row locked for update, if ``owner`` still holds its lease; ``LeaseLost`` otherwise.
+
+    Every write a stage makes to its job goes through this, so a stalled worker whose lease
+    another worker took over cannot change the job any more (a fencing check on the owner).
+    """
+    job = get_job(session, None, job_id, for_update=True)
+    if job.lease_owner != owner:
+        raise LeaseLost(job_id)
+    return job
 
 
 def claim_stale_jobs(session: Session) -> list[Job]:
     """Active jobs whose lease holder stopped heartbeating; each is claimed by exactly one caller."""
-    moment = time.time()
+    moment = database_time(session)
     stale = list(session.scalars(select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.lease_owner.is_not(None),
                                                    Job.lease_expires_at < moment)))
     claimed = []
     for job in stale:
         result = session.execute(update(Job).where(Job.id == job.id, Job.lease_owner == job.lease_owner,
                                                    Job.lease_expires_at < moment)
-                                 .values(lease_owner=None, lease_expires_at=None))
+                                 .values(lease_owner=None, lease_expires_at=None)
+                                 .execution_options(synchronize_session=False))
         if result.rowcount == 1:
             claimed.append(job)
     return claimed

@@ -42,16 +42,40 @@ def create_celery_app(settings: Settings, include: list[str] | None = None) -> C
         task_routes={task: {"queue": queue} for task, queue in STAGE_TASKS.values()},
     )
     app.conf.task_create_missing_queues = True
+    app.conf.task_annotations = task_time_limits(settings)
     return app
 
 
+def task_time_limits(settings: Settings) -> dict[str, dict[str, int]]:
+    """Celery's soft and hard time limits for every task, per stage (``AFINA_STAGE_TIME_LIMITS_S``).
+
+    Past the soft limit the stage gets ``SoftTimeLimitExceeded`` and fails its job with a message
+    that says which limit; past the hard one the worker kills the process (a stage that ignores the
+    soft limit), and the job's attempt is counted like any other lost worker.
+    """
+    limits = {}
+    for stage, (task_name, _queue) in [*STAGE_TASKS.items(), ("file_ingest", (TASK_INGEST_FILE, QUEUE_INGEST))]:
+        soft, hard = settings.stage_time_limits(stage)
+        limits[task_name] = {"soft_time_limit": soft, "time_limit": hard}
+    return limits
+
+
 SENT_AT_HEADER = "afina_sent_at"  # epoch seconds the message was sent: the worker measures queue wait from it
+OUTBOX_ID_HEADER = "afina_outbox_id"  # the outbox row a message was sent from (for tracing a duplicate)
+
+
+def send_message(app: Celery, task_name: str, queue: str, subject_id: str, *,
+                 headers: dict[str, Any] | None = None) -> None:
+    """Hand one message to the broker now, stamped with its send time (the outbox is the only sender in
+    production code: a state change and its message commit together there)."""
+    app.send_task(task_name, args=[subject_id], queue=queue, headers={SENT_AT_HEADER: time.time(), **(headers or {})})
 
 
 def enqueue_stage(app: Celery, stage: str, job_id: str) -> None:
-    """Send the message that moves ``job_id`` through ``stage``; safe to send twice (leases dedupe)."""
+    """Send the message that moves ``job_id`` through ``stage`` directly, outside any transaction (tests and
+    operators' tools; safe to send twice: leases dedupe)."""
     task_name, queue = STAGE_TASKS[stage]
-    app.send_task(task_name, args=[job_id], queue=queue, headers={SENT_AT_HEADER: time.time()})
+    send_message(app, task_name, queue, job_id)
 
 
 def message_sent_at(request: Any, header: str = SENT_AT_HEADER) -> float | None:
@@ -64,7 +88,3 @@ def message_sent_at(request: Any, header: str = SENT_AT_HEADER) -> float | None:
     except (TypeError, ValueError):
         return None
 
-
-def enqueue_file_ingest(app: Celery, file_id: str) -> None:
-    """Send the message that ingests an uploaded file; safe to send twice (the result is content-addressed)."""
-    app.send_task(TASK_INGEST_FILE, args=[file_id], queue=QUEUE_INGEST)

@@ -58,12 +58,13 @@ def _drain_running_stages(**_kwargs: object) -> None:
 def _start_recovery(**_kwargs: object) -> None:
     from afina.core.metrics import serve_metrics
     from afina.core.queue.drain import clear_drain
-    from afina.core.queue.jobs import start_recovery_loop
+    from afina.core.queue.jobs import start_maintenance_loop
+    from afina.core.scratch import sweep_stale_scratch
 
     clear_drain(settings)
 
     runtime.db  # migrate before the first task  # noqa: B018
-    start_recovery_loop(runtime)
+    start_maintenance_loop(runtime, extra=lambda: sweep_stale_scratch(settings))
     serve_metrics(settings.metrics_port, settings.metrics_host)
 
 

@@ -20,6 +20,7 @@ def open_store(settings: Settings) -> ArtifactStore:
             settings.s3_bucket,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            backoff_s=settings.transient_backoff_s,
         )
     from afina.core.store.local import LocalStore
 

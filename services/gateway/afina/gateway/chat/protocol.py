@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from afina.gateway.params import NulFreeStr
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -31,7 +33,7 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: NulFreeStr  # looked up in the registry
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None

@@ -17,6 +17,8 @@ import orjson
 from anyio import to_thread
 
 from afina.core.catalog import catalog_model
+from afina.core.catalog.gguf_metadata import gguf_metadata
+from afina.core.catalog.template_refusal import first_refused_message, template_refusal
 from afina.core.db import repository as repo
 from afina.core.errors import AfinaError, InferenceUnavailable, InvalidRequest, NotFound
 from afina.core.metrics import INFERENCE_TOKENS
@@ -24,6 +26,7 @@ from afina.core.runtime import Runtime
 from afina.gateway.chat.protocol import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from afina.gateway.inference import ChatRequest, InferenceBackend
 from afina.gateway.inference.files import ModelFileCache
+from afina.gateway.inference.inprocess import gguf_template_renderer
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,37 @@ def _meter(usage: dict[str, int]) -> None:
     INFERENCE_TOKENS.labels(kind="completion").inc(usage.get("completion_tokens", 0))
 
 
+def _template_refusal(model: ServedModel, messages: list[dict[str, Any]]) -> InvalidRequest | None:
+    """Whether the served GGUF's own chat template refuses ``messages`` (a system message to Gemma 2): asked
+    only after a backend failed without saying why (a llama.cpp server answers a template's refusal with a
+    500), so that the caller's mistake is a 400 naming the message, not a 503."""
+    try:
+        template = gguf_metadata(model.path).get("tokenizer.chat_template")
+    except InvalidRequest:
+        return None
+    render = gguf_template_renderer(template) if isinstance(template, str) else None
+    if render is None:
+        return None
+    try:
+        render(messages)
+    except Exception as refused:  # noqa: BLE001 - the template's own reason, whatever it raised
+        return template_refusal(str(refused) or type(refused).__name__, first_refused_message(render, messages))
+    return None
+
+
+async def _refused_by_template(model: ServedModel, backend_request: ChatRequest) -> InvalidRequest | None:
+    return await to_thread.run_sync(_template_refusal, model, backend_request.messages)
+
+
 async def complete(backend: InferenceBackend, model: ServedModel, request: ChatCompletionRequest) -> ChatCompletion:
-    result = await backend.chat(build_backend_request(request, model))
+    backend_request = build_backend_request(request, model)
+    try:
+        result = await backend.chat(backend_request)
+    except InferenceUnavailable:
+        refusal = await _refused_by_template(model, backend_request)
+        if refusal is not None:
+            raise refusal from None
+        raise
     usage = result.get("usage") or {}
     _meter(usage)
     choices = [Choice(index=choice.get("index", 0),
@@ -113,7 +145,17 @@ async def stream(backend: InferenceBackend, model: ServedModel,
     backend_request = build_backend_request(request, model)
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
-    async for chunk in backend.stream_chat(backend_request):
+    chunks = backend.stream_chat(backend_request)
+    try:
+        first = await anext(chunks, None)
+    except InferenceUnavailable:
+        refusal = await _refused_by_template(model, backend_request)
+        if refusal is not None:
+            raise refusal from None
+        raise
+    if first is None:
+        return
+    async for chunk in _prepend(first, chunks):
         base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
                 "system_fingerprint": None}
         if not chunk.get("choices"):
@@ -126,6 +168,12 @@ async def stream(backend: InferenceBackend, model: ServedModel,
                     "finish_reason": choice.get("finish_reason"), "logprobs": None}
                    for choice in chunk["choices"]]
         yield {**base, "choices": choices, **({"usage": None} if backend_request.include_usage else {})}
+
+
+async def _prepend(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

@@ -10,11 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from afina.gateway.deps import RuntimeDep, TenantDep
+from afina.gateway.error_protocol import BINARY, TEXT, content, error_responses
 from afina.gateway.files import ingest, service
 from afina.gateway.files.protocol import FileDeleted, FileList, FileObject, IngestStatus
 from afina.gateway.files.upload import receive_upload
+from afina.gateway.limits import streamed_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+OF_A_FILE = error_responses(404)  # the file is not this tenant's (or its ingest output is not there yet)
 
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
@@ -24,14 +27,19 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
 }}}}}
 
 
-@router.post("", openapi_extra=UPLOAD_FORM)
+@router.post("", openapi_extra=UPLOAD_FORM, responses=error_responses(413))
+@streamed_upload
 async def upload_file(request: Request, runtime: RuntimeDep, tenant: TenantDep) -> FileObject:
-    """Streamed: the body is sniffed and size-limited while it arrives, never held in memory; ingest is queued."""
+    """Streamed: the body is sniffed and size-limited while it arrives, never held in memory; ingest is queued.
+
+    The key is checked (``tenant``) before a byte of the body is read: the route takes no body parameter.
+    """
     settings = runtime.settings
-    form = service.UploadForm()
+    form = service.UploadForm(runtime, tenant)  # options are checked against what the tenant may name, before the file
     upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
                                   spool_dir=settings.resolved_work_dir / "uploads", make_checker=form.checker,
-                                  before_file=form.before_file)
+                                  before_file=form.before_file, max_fields=settings.max_form_fields,
+                                  max_field_bytes=settings.max_form_field_bytes)
     try:
         options = form.final_options(upload.fields)
         container = form.sniffer.container if form.sniffer is not None else None
@@ -40,25 +48,26 @@ async def upload_file(request: Request, runtime: RuntimeDep, tenant: TenantDep) 
         upload.discard()
 
 
-@router.get("")
+@router.get("", responses=error_responses())
 def list_files(runtime: RuntimeDep, tenant: TenantDep, purpose: str | None = None, after: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
                order: Literal["asc", "desc"] = "desc") -> FileList:
     return service.list_files(runtime, tenant, purpose=purpose, after=after, limit=limit, order=order)
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", responses=OF_A_FILE)
 def retrieve_file(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> FileObject:
     return FileObject.from_row(service.get_file(runtime, tenant, file_id))
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", responses=OF_A_FILE)
 def delete_file(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> FileDeleted:
     service.delete_file(runtime, tenant, file_id)
     return FileDeleted(id=file_id)
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse)
+@router.get("/{file_id}/content", response_class=StreamingResponse,
+            responses={**OF_A_FILE, **content({"application/octet-stream": BINARY}, "The file's bytes.")})
 def file_content(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> StreamingResponse:
     row, chunks = service.open_content(runtime, tenant, file_id)
     return StreamingResponse(chunks, media_type="application/octet-stream",
@@ -66,7 +75,7 @@ def file_content(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> Stream
                                       "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}"})
 
 
-@router.get("/{file_id}/ingest")
+@router.get("/{file_id}/ingest", responses=OF_A_FILE)
 def ingest_status(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> IngestStatus:
     """Status, progress, counts, stats and an issue summary of the file's ingest."""
     return ingest.ingest_status(runtime, tenant, file_id)
@@ -80,24 +89,28 @@ def _artifact(runtime: RuntimeDep, tenant: str, file_id: str, name: str, downloa
     return StreamingResponse(chunks, media_type=media_type, headers=headers)
 
 
-@router.get("/{file_id}/ingest/report", response_class=StreamingResponse)
+@router.get("/{file_id}/ingest/report", response_class=StreamingResponse,
+            responses={**OF_A_FILE, **content({"application/x-ndjson": TEXT}, "One JSON object a line.")})
 def ingest_report(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> StreamingResponse:
     """Every issue, one JSON object a line: file, line, field, rule, action, detail."""
     return _artifact(runtime, tenant, file_id, "report", "report.jsonl")
 
 
-@router.get("/{file_id}/ingest/stats", response_class=StreamingResponse)
+@router.get("/{file_id}/ingest/stats", response_class=StreamingResponse,
+            responses={**OF_A_FILE, **content({"application/json": {"type": "object"}}, "The dataset's statistics.")})
 def ingest_stats(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> StreamingResponse:
     return _artifact(runtime, tenant, file_id, "stats", None)
 
 
-@router.get("/{file_id}/ingest/preview", response_class=StreamingResponse)
+@router.get("/{file_id}/ingest/preview", response_class=StreamingResponse,
+            responses={**OF_A_FILE, **content({"text/plain": TEXT, "text/html": TEXT}, "The rendered examples.")})
 def ingest_preview(file_id: str, runtime: RuntimeDep, tenant: TenantDep,
                    format: Literal["txt", "html"] = "txt") -> StreamingResponse:  # noqa: A002 - the query name
     """The first examples rendered with the model's chat template, trained tokens marked."""
     return _artifact(runtime, tenant, file_id, "preview_html" if format == "html" else "preview", None)
 
 
-@router.get("/{file_id}/ingest/token_lengths.png", response_class=StreamingResponse)
+@router.get("/{file_id}/ingest/token_lengths.png", response_class=StreamingResponse,
+            responses={**OF_A_FILE, **content({"image/png": BINARY}, "A histogram of token lengths.")})
 def ingest_token_lengths(file_id: str, runtime: RuntimeDep, tenant: TenantDep) -> StreamingResponse:
     return _artifact(runtime, tenant, file_id, "token_lengths_png", None)

@@ -9,24 +9,27 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import ValidationError
 
 from afina.core import ids
-from afina.core.catalog import resolve_base_model
+from afina.core.catalog import check_model_access, resolve_base_model
+from afina.core.catalog.access import STORE_SCHEME, is_local_reference
+from afina.core.datasets.key_env import KEY_ENV_PARAM, check_key_env_allowed
 from afina.core.datasets.layout import raw_file_key
 from afina.core.datasets.options import IngestOptions
 from afina.core.datasets.sniff import UploadSniffer, check_archive
 from afina.core.db import repository as repo
 from afina.core.db.models import File
 from afina.core.errors import InvalidRequest
-from afina.core.logging import log_event
 from afina.core.metrics import FILES_UPLOADED_BYTES
-from afina.core.queue.app import enqueue_file_ingest
+from afina.core.queue import outbox
 from afina.core.runtime import Runtime
 from afina.gateway.files.protocol import FILE_PURPOSES, FileList, FileObject
 from afina.gateway.files.upload import SpooledUpload
+from afina.gateway.params import check_no_nul
 
 log = logging.getLogger("afina.gateway")
 OPTIONS_FIELD = "ingest_options"
@@ -44,8 +47,13 @@ def check_purpose(fields: dict[str, str], *, required: bool) -> None:
                              param="purpose")
 
 
-def parse_ingest_options(text: str) -> IngestOptions:
-    """The ``ingest_options`` form field (JSON of ``IngestOptions``); a 400 naming the bad field otherwise."""
+def parse_ingest_options(text: str, runtime: Runtime | None = None, tenant_id: str | None = None) -> IngestOptions:
+    """The ``ingest_options`` form field (JSON of ``IngestOptions``); a 400 naming the bad field otherwise.
+
+    With ``runtime`` and ``tenant_id`` it is also checked against what the tenant may name
+    (``check_ingest_options``); without them only a catalog ``base_model`` is, and ``store_upload``
+    checks the rest before anything is stored.
+    """
     try:
         options = IngestOptions.model_validate_json(text)
     except ValidationError as exc:
@@ -57,12 +65,40 @@ def parse_ingest_options(text: str) -> IngestOptions:
             message = f"not valid JSON ({first.get('ctx', {}).get('error', message)})"
         more = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
         raise InvalidRequest(f"Invalid '{param}': {message}.{more}", param=param) from None
-    if options.base_model is not None:
-        try:
+    if runtime is not None and tenant_id is not None:
+        check_ingest_options(runtime, tenant_id, options)
+    elif options.base_model is not None and not _needs_tenant(options.base_model):
+        with _as_option("base_model"):
             resolve_base_model(options.base_model)
-        except InvalidRequest as exc:
-            raise InvalidRequest(exc.message, param=f"{OPTIONS_FIELD}.base_model", code=exc.code) from None
     return options
+
+
+def _needs_tenant(base_model: str) -> bool:
+    """A path or a store model is checked against the tenant and the operator's settings, never without."""
+    return is_local_reference(base_model) or base_model.startswith(STORE_SCHEME)
+
+
+@contextmanager
+def _as_option(name: str) -> Iterator[None]:
+    """An ``InvalidRequest`` about a model or key, re-raised naming the ``ingest_options`` field it came from."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message, param=f"{OPTIONS_FIELD}.{name}", code=exc.code) from None
+
+
+def check_ingest_options(runtime: Runtime, tenant_id: str, options: IngestOptions | None) -> None:
+    """What ``tenant_id`` may name in ingest options: its base model (as a job's ``model``: its own or the
+    operator's store models, paths only under ``allowed_model_dirs``) and its ``encryption.key_env`` (one of
+    ``settings.key_envs_for(tenant_id)``). Runs before anything is stored; the worker checks again."""
+    if options is None:
+        return
+    settings = runtime.settings
+    check_key_env_allowed(options, settings.key_envs_for(tenant_id), param=f"{OPTIONS_FIELD}.{KEY_ENV_PARAM}")
+    if options.base_model is not None:
+        with _as_option("base_model"):
+            check_model_access(options.base_model, tenant_id, settings.allowed_model_dirs)
+            resolve_base_model(options.base_model, store=runtime.store, allowed_model_dirs=settings.allowed_model_dirs)
 
 
 class UploadForm:
@@ -72,14 +108,16 @@ class UploadForm:
     ``container``); sent after it, they are still validated before anything is stored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime | None = None, tenant_id: str | None = None) -> None:
         self.options: IngestOptions | None = None
         self.sniffer: UploadSniffer | None = None
+        self.runtime = runtime  # with the tenant: options are checked against what it may name, before the file
+        self.tenant_id = tenant_id
 
     def before_file(self, fields: dict[str, str]) -> None:
         check_purpose(fields, required=False)
         if OPTIONS_FIELD in fields:
-            self.options = parse_ingest_options(fields[OPTIONS_FIELD])
+            self.options = parse_ingest_options(fields[OPTIONS_FIELD], self.runtime, self.tenant_id)
 
     def checker(self, filename: str) -> UploadSniffer:
         self.sniffer = UploadSniffer(filename, self.options)
@@ -87,8 +125,17 @@ class UploadForm:
 
     def final_options(self, fields: dict[str, str]) -> IngestOptions | None:
         if self.options is None and OPTIONS_FIELD in fields:
-            self.options = parse_ingest_options(fields[OPTIONS_FIELD])
+            self.options = parse_ingest_options(fields[OPTIONS_FIELD], self.runtime, self.tenant_id)
         return self.options
+
+
+CONTROL_CHARACTERS = dict.fromkeys([*range(32), 127])
+
+
+def stored_filename(name: str) -> str:
+    """The upload's name without control characters: a name is for display, and PostgreSQL text holds no NUL
+    (a raw ``filename="a\\0b"`` answered 500)."""
+    return name.translate(CONTROL_CHARACTERS) or "upload.jsonl"
 
 
 def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, options: IngestOptions | None = None,
@@ -99,32 +146,33 @@ def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, option
     worker is done with it. A ZIP's members are checked before anything is stored.
     """
     check_purpose(upload.fields, required=True)
+    check_ingest_options(runtime, tenant_id, options)
     if container == "zip":
         check_archive(upload.path, upload.filename, max_expanded_bytes=runtime.settings.max_archive_expanded_bytes)
     file_id = ids.file_id()
-    key = raw_file_key(tenant_id, file_id, upload.filename)
+    filename = stored_filename(upload.filename)
+    key = raw_file_key(tenant_id, file_id, filename)
     stored_options: dict[str, Any] | None = (options.model_dump(mode="json", exclude_unset=True)
                                              if options is not None else None)
     info = runtime.store.put_file(key, upload.path)
     try:
         with runtime.db.session() as session:
-            row = File(id=file_id, tenant_id=tenant_id, filename=upload.filename, purpose=upload.fields["purpose"],
+            row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=upload.fields["purpose"],
                        bytes=info.size, sha256=info.sha256 or "", object_key=key, status="uploaded",
                        ingest_options=stored_options, ingest_state={"state": "queued"})
             session.add(row)
+            message = outbox.add_file_ingest(session, file_id)
     except BaseException:
         runtime.store.delete(key)
         raise
     FILES_UPLOADED_BYTES.inc(info.size)
-    try:
-        enqueue_file_ingest(runtime.celery, file_id)
-    except Exception as exc:  # the file is kept: a job using it runs the same ingest itself
-        log_event(log, "file.enqueue_failed", logging.WARNING, file_id=file_id, error=type(exc).__name__)
+    outbox.deliver(runtime, [message])  # a broker outage only delays it: the workers' relay sends it later
     return FileObject.from_row(row)
 
 
 def list_files(runtime: Runtime, tenant_id: str, *, purpose: str | None, after: str | None, limit: int,
                order: str) -> FileList:
+    check_no_nul("purpose", purpose)  # the registry's text cannot hold NUL: a 400, not a failed query
     with runtime.db.session() as session:
         rows = repo.list_files(session, tenant_id, purpose)
     if order == "asc":
@@ -140,12 +188,14 @@ def list_files(runtime: Runtime, tenant_id: str, *, purpose: str | None, after: 
 
 
 def get_file(runtime: Runtime, tenant_id: str, file_id: str) -> File:
+    check_no_nul("file_id", file_id)
     with runtime.db.session() as session:
         return repo.get_file(session, tenant_id, file_id)
 
 
 def delete_file(runtime: Runtime, tenant_id: str, file_id: str) -> None:
     """Remove the object, then commit the row's removal (a failed delete leaves both in place)."""
+    check_no_nul("file_id", file_id)
     with runtime.db.session() as session:
         row = repo.get_file(session, tenant_id, file_id)
         runtime.store.delete(row.object_key)

@@ -4,7 +4,9 @@ Starlette's form parser spools a file of any size to disk before the route runs,
 so a size limit could only be checked afterwards. This reader parses
 ``multipart/form-data`` straight off the request stream instead: the file part is
 fed to a checker (``UploadSniffer``) and a temp file as it arrives, and the upload
-stops at ``max_bytes`` or at the first sign that it is no dataset afina reads.
+stops at ``max_bytes`` or at the first sign that it is no dataset afina reads. The
+small fields around the file are bounded too: at most ``max_fields`` of them, each at
+most ``max_field_bytes``, with part headers of at most ``MAX_PART_HEADER_BYTES``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ except ModuleNotFoundError:  # python-multipart < 0.0.13
     from multipart.multipart import parse_options_header  # type: ignore[no-redef]
 
 FLUSH_BYTES = 1024 * 1024
-FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and small fields around the file
-MAX_FIELD_BYTES = 64 * 1024  # ingest_options (templates, a system prompt) can be a few KB
+FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file and the fields
+MAX_PART_HEADER_BYTES = 16 * 1024  # a part's headers (its name, its file name, its type) together
 DRAIN_BYTES = 16 * 1024 * 1024  # read (and drop) this much of a refused body so the client sees the answer
+
+
+def upload_body_limit(max_bytes: int, max_fields: int, max_field_bytes: int) -> int:
+    """The largest multipart body an upload within its limits can have: the file, the fields, the framing."""
+    return max_bytes + max_fields * max_field_bytes + FORM_OVERHEAD_BYTES
 
 
 class UploadChecker(Protocol):
@@ -60,10 +67,15 @@ class _FormReader:
 
     def __init__(self, file_field: str, max_bytes: int, spool_dir: Path,
                  make_checker: Callable[[str], UploadChecker],
-                 before_file: Callable[[dict[str, str]], None] | None) -> None:
+                 before_file: Callable[[dict[str, str]], None] | None, *, max_fields: int,
+                 max_field_bytes: int) -> None:
         self.file_field = file_field
         self.before_file = before_file
         self.max_bytes = max_bytes
+        self.max_fields = max_fields
+        self.max_field_bytes = max_field_bytes
+        self.field_count = 0
+        self._header_bytes = 0
         self.spool_dir = spool_dir
         self.make_checker = make_checker
         self.fields: dict[str, str] = {}
@@ -98,11 +110,16 @@ class _FormReader:
         events, self.events = self.events, []
         for name, data in events:
             if name == "part_begin":
-                self._headers, self._field_value = {}, bytearray()
-            elif name == "header_field":
-                self._header_field += data
-            elif name == "header_value":
-                self._header_value += data
+                self._headers, self._field_value, self._header_bytes = {}, bytearray(), 0
+            elif name in ("header_field", "header_value"):
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_PART_HEADER_BYTES:
+                    raise InvalidRequest(f"a part of the form has headers over {MAX_PART_HEADER_BYTES} bytes",
+                                         param=self.file_field)
+                if name == "header_field":
+                    self._header_field += data
+                else:
+                    self._header_value += data
             elif name == "header_end":
                 self._headers[self._header_field.lower()] = self._header_value
                 self._header_field, self._header_value = b"", b""
@@ -118,6 +135,10 @@ class _FormReader:
         self._part_name = options.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" not in options:
             self._in_file = False
+            self.field_count += 1
+            if self.field_count > self.max_fields:
+                raise InvalidRequest(f"the form has more than {self.max_fields} fields besides the file",
+                                     param=self._part_name or None)
             return
         if self._part_name != self.file_field or self.path is not None:
             raise InvalidRequest(f"send exactly one file, in the form field '{self.file_field}'",
@@ -136,8 +157,10 @@ class _FormReader:
     async def _part_data(self, data: bytes) -> None:
         if not self._in_file:
             self._field_value += data
-            if len(self._field_value) > MAX_FIELD_BYTES:
-                raise InvalidRequest(f"form field '{self._part_name}' is too long", param=self._part_name)
+            if len(self._field_value) > self.max_field_bytes:
+                raise PayloadTooLarge(f"form field '{self._part_name}' is longer than the limit of "
+                                      f"{self.max_field_bytes} bytes", param=self._part_name or None,
+                                      code="form_field_too_large")
             return
         self.size += len(data)
         if self.size > self.max_bytes:
@@ -178,20 +201,23 @@ class _FormReader:
 
 async def receive_upload(request: Request, *, file_field: str, max_bytes: int, spool_dir: Path,
                          make_checker: Callable[[str], UploadChecker],
-                         before_file: Callable[[dict[str, str]], None] | None = None) -> SpooledUpload:
+                         before_file: Callable[[dict[str, str]], None] | None = None, max_fields: int,
+                         max_field_bytes: int) -> SpooledUpload:
     """Stream a ``multipart/form-data`` body into a checked temp file (the caller discards it).
 
-    Raises ``PayloadTooLarge`` past ``max_bytes``, and whatever the checker raises; in
-    either case nothing is left on disk. ``before_file`` may refuse the form fields seen
+    Raises ``PayloadTooLarge`` past ``max_bytes`` (or a field past ``max_field_bytes``),
+    ``InvalidRequest`` past ``max_fields`` fields, and whatever the checker raises; in
+    every case nothing is left on disk. ``before_file`` may refuse the form fields seen
     before the file part, so a wrong ``purpose`` stops the upload early.
     """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise InvalidRequest("send the file as multipart/form-data", param=file_field)
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD_BYTES:
+    if declared and declared.isdigit() and int(declared) > upload_body_limit(max_bytes, max_fields, max_field_bytes):
         raise PayloadTooLarge(f"file is larger than the limit of {max_bytes} bytes", param=file_field)
-    reader = _FormReader(file_field, max_bytes, spool_dir, make_checker, before_file)
+    reader = _FormReader(file_field, max_bytes, spool_dir, make_checker, before_file, max_fields=max_fields,
+                         max_field_bytes=max_field_bytes)
     parser = multipart.MultipartParser(options[b"boundary"], reader.callbacks())
     stream = request.stream()
     try:

@@ -42,10 +42,18 @@ class StreamStart:
     after_seq: int | None
 
 
-def open_stream(runtime: Runtime, tenant_id: str, job_id: str, last_event_id: str | None) -> StreamStart:
-    """Check the job is the tenant's (404 otherwise) and resolve ``Last-Event-ID``, before any byte is sent."""
+def open_stream(runtime: Runtime, tenant_id: str, job_id: str, last_event_id: str | None, *,
+                after: str | None = None) -> StreamStart:
+    """Check the job is the tenant's (404 otherwise) and resolve ``Last-Event-ID``, before any byte is sent.
+
+    ``after`` pages the newest-first list; a stream runs oldest first, so it is refused rather than
+    silently ignored (a client that sent it would get events it meant to skip).
+    """
     with runtime.db.session() as session:
         repo.get_job(session, tenant_id, job_id)
+        if after:
+            raise InvalidRequest("'after' pages the event list; a stream (stream=true) resumes after the event "
+                                 "named in the Last-Event-ID header instead", param="after")
         if not last_event_id:
             return StreamStart(job_id, None)
         anchor = session.get(JobEvent, last_event_id.strip())

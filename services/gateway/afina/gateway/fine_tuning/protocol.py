@@ -8,6 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from afina.core.training import OPENAI_KEYS
+from afina.gateway.params import NulFreeStr
 
 SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_METADATA_PAIRS = 16
@@ -36,9 +37,10 @@ class Method(BaseModel):
 class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    training_file: str
-    validation_file: str | None = None
+    # looked up in the registry (PostgreSQL text holds no NUL)
+    model: NulFreeStr
+    training_file: NulFreeStr
+    validation_file: NulFreeStr | None = None
     suffix: str | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, str] | None = None

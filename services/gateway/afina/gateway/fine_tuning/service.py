@@ -1,9 +1,9 @@
 """Fine-tuning job logic, callable without HTTP.
 
-Creating a job writes its row and first events in one transaction, then sends the
-``ingest`` message; the message goes out only after the commit, so a worker never
-sees a job id the database does not know. If the broker refuses it, the job is
-failed at once rather than left waiting for a message that never comes.
+Creating a job writes its row, first events and its ``ingest`` message (to the outbox)
+in one transaction, then hands the message to the broker: a worker never sees a job id
+the database does not know, and a crash or a broker outage after the commit only
+delays the job (the workers' outbox relay sends the message), it never strands it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import secrets
 from typing import Any
 
 from afina.core import ids
-from afina.core.catalog import StoreSource, resolve_base_model
-from afina.core.catalog.sources import STORE_SCHEME, parse_model_reference
+from afina.core.catalog import resolve_base_model
+from afina.core.catalog.access import check_store_access
 from afina.core.db import repository as repo
 from afina.core.db.models import Checkpoint, Job, JobEvent
-from afina.core.errors import InvalidRequest, NotFound, QueueUnavailable
+from afina.core.errors import InvalidRequest, NotFound
 from afina.core.logging import log_event
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
-from afina.core.queue.app import enqueue_stage
+from afina.core.queue import outbox
 from afina.core.runtime import Runtime
 from afina.core.training import check_max_seq_len, parse_training_spec
 from afina.gateway.fine_tuning.protocol import (
@@ -66,14 +66,9 @@ def _job_seed(request: CreateJobRequest, hyperparameters: dict[str, Any]) -> int
 
 
 def _check_model_access(model: str, tenant_id: str) -> None:
-    """A ``store://`` base model is the tenant's own (``models/<tenant>/``) or an operator's (``base-models/``)."""
-    if not model.startswith(STORE_SCHEME):
-        return
-    source = parse_model_reference(model)
-    allowed = (f"models/{tenant_id}/", SHARED_BASE_MODELS_PREFIX)
-    if not isinstance(source, StoreSource) or not source.prefix.startswith(allowed):
-        raise InvalidRequest(f"model {model!r}: a store base model must be under store://models/{tenant_id}/ "
-                             f"or store://{SHARED_BASE_MODELS_PREFIX}", param="model")
+    """A ``store://`` base model is the tenant's own (``models/<tenant>/``) or an operator's (``base-models/``);
+    a local path is checked against ``settings.allowed_model_dirs`` where ``create_job`` resolves it."""
+    check_store_access(model, tenant_id)
 
 
 def _check_file(session: Any, tenant_id: str, file_id: str, param: str) -> None:
@@ -118,7 +113,8 @@ def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> F
     _check_model_access(request.model, tenant_id)  # before the store is read for the model's files
     parent = _fine_tuned_parent(runtime, tenant_id, request.model)
     base_model = parent.base_model if parent is not None else request.model
-    spec = resolve_base_model(base_model, chat_family=hyperparameters.get("chat_family"), store=runtime.store)
+    spec = resolve_base_model(base_model, chat_family=hyperparameters.get("chat_family"), store=runtime.store,
+                              allowed_model_dirs=runtime.settings.allowed_model_dirs)
     check_max_seq_len(parse_training_spec(hyperparameters).max_seq_len, spec.context_length)
     seed = _job_seed(request, hyperparameters)
     with runtime.db.session() as session:
@@ -135,15 +131,8 @@ def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> F
         session.flush()
         repo.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
         repo.add_event(session, job.id, f"Validating training file: {request.training_file}")
-    try:
-        enqueue_stage(runtime.celery, "ingest", job.id)
-    except Exception as exc:
-        log_event(log, "job.enqueue_failed", logging.ERROR, job_id=job.id, error=type(exc).__name__)
-        with runtime.db.session() as session:
-            failed = repo.get_job(session, None, job.id, for_update=True)
-            repo.set_status(session, failed, "failed", error={"code": QueueUnavailable.code, "param": None,
-                                                               "message": "the job queue is unavailable"})
-        raise QueueUnavailable("the job queue is unavailable; try again shortly") from None
+        message = outbox.add_stage(session, "ingest", job.id)
+    outbox.deliver(runtime, [message])
     log_event(log, "job.created", job_id=job.id, tenant=tenant_id, model=spec.id)
     return job_object(job)
 

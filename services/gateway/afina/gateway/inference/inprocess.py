@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 from anyio import to_thread
 
+from afina.core.catalog.template_refusal import first_refused_message, template_refusal
 from afina.core.errors import InferenceUnavailable, InvalidRequest
 from afina.core.logging import log_event
 from afina.core.settings import Settings
@@ -70,12 +71,14 @@ class InProcessBackend:
         self._llama_class: type | None = None
 
     def _load(self, path: Path) -> Any:
+        from jinja2 import TemplateError
+
         if self._llama_class is None:
             self._llama_class = _metered_llama_class()
         try:
             return self._llama_class(model_path=str(path), n_ctx=self.settings.inference_n_ctx,
                                      n_threads=self.settings.inference_threads, verbose=False)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, TemplateError) as exc:  # TemplateError: a chat template that won't compile
             raise InferenceUnavailable(f"could not load model file {path.name}: {exc}") from None
 
     async def _acquire(self, path: Path) -> _LoadedModel:
@@ -114,7 +117,7 @@ class InProcessBackend:
         loaded = await self._acquire(request.model_path)
         try:
             async with loaded.lock:
-                return await to_thread.run_sync(_call, loaded.llm.create_chat_completion, self._kwargs(request))
+                return await to_thread.run_sync(_call, loaded.llm, self._kwargs(request))
         finally:
             await self._release(loaded)
 
@@ -122,8 +125,7 @@ class InProcessBackend:
         loaded = await self._acquire(request.model_path)
         try:
             async with loaded.lock:
-                chunks = await to_thread.run_sync(_call, loaded.llm.create_chat_completion,
-                                                  {**self._kwargs(request), "stream": True})
+                chunks = await to_thread.run_sync(_call, loaded.llm, {**self._kwargs(request), "stream": True})
                 try:
                     while True:
                         chunk = await to_thread.run_sync(_next, chunks)
@@ -142,24 +144,67 @@ class InProcessBackend:
         await self._evict_beyond(0)
 
 
-def _call(method: Any, kwargs: dict[str, Any]) -> Any:
+def _call(llm: Any, kwargs: dict[str, Any]) -> Any:
+    """``create_chat_completion``; the caller's mistakes (too long, refused by the template) become 400s."""
+    from jinja2 import TemplateError
+
     try:
-        return method(**kwargs)
-    except ValueError as exc:
-        raise _translate(exc) from None
+        return llm.create_chat_completion(**kwargs)
+    except (ValueError, TypeError, TemplateError) as exc:
+        raise _translate(exc, llm, kwargs["messages"]) from None
 
 
 def _next(chunks: Any) -> Any:
     try:
         return next(chunks, _END)
     except ValueError as exc:
-        raise _translate(exc) from None
+        if "exceed context window" in str(exc):
+            raise _context_exceeded(exc) from None
+        raise
 
 
-def _translate(exc: ValueError) -> Exception:
-    """llama.cpp reports a prompt longer than the context as a ValueError; that is the caller's to fix."""
-    message = str(exc)
-    if "exceed context window" in message:
-        return InvalidRequest(f"This model's context window is too small for these messages: {message}",
-                              param="messages", code="context_length_exceeded")
+def _context_exceeded(exc: Exception) -> InvalidRequest:
+    return InvalidRequest(f"This model's context window is too small for these messages: {exc}",
+                          param="messages", code="context_length_exceeded")
+
+
+def _translate(exc: Exception, llm: Any, messages: list[dict[str, Any]]) -> Exception:
+    """What a failed call means: a prompt longer than the context (llama.cpp's ValueError), a conversation
+    the model's chat template refuses (its ``raise_exception`` is a ValueError in llama-cpp-python, a
+    jinja2 error otherwise), or — when rendering the template again succeeds — a fault of ours, as is."""
+    if isinstance(exc, ValueError) and "exceed context window" in str(exc):
+        return _context_exceeded(exc)
+    render = _template_renderer(llm)
+    if render is None:
+        return exc
+    try:
+        render(messages)
+    except Exception as refused:  # noqa: BLE001 - the template refused these messages: why is its own text
+        return template_refusal(str(refused) or type(refused).__name__, first_refused_message(render, messages))
     return exc
+
+
+def _template_renderer(llm: Any) -> Callable[[list[dict[str, Any]]], object] | None:
+    """Render messages with the chat template llama-cpp-python uses for ``llm`` (the GGUF's own, when it
+    formats with it); None when it formats with a built-in format instead."""
+    template = (getattr(llm, "metadata", None) or {}).get("tokenizer.chat_template")
+    if not isinstance(template, str) or getattr(llm, "chat_handler", None) is not None or \
+            getattr(llm, "chat_format", None) != "chat_template.default":
+        return None
+    return gguf_template_renderer(template)
+
+
+def gguf_template_renderer(template: str) -> Callable[[list[dict[str, Any]]], object] | None:
+    """A function rendering messages with a GGUF's chat template exactly as llama-cpp-python does (its
+    sandbox, its ``raise_exception``); None where llama-cpp-python is not installed or the template does
+    not compile. Special tokens render empty: whether a template refuses never depends on them."""
+    try:
+        from jinja2 import TemplateError
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    except ImportError:
+        return None
+    try:
+        formatter = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+    except TemplateError:
+        return None
+    return lambda messages: formatter(messages=messages)

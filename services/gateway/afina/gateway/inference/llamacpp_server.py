@@ -5,6 +5,11 @@ down, not the front door). A server starts on a model's first request, listens o
 loopback only, and is stopped by its PID (its whole process group) when evicted or
 when the gateway shuts down. At most ``settings.max_loaded_models`` servers run;
 the least recently used idle one makes room.
+
+A server that fails (it exits while starting, never gets ready, or answers 5xx) is
+reported to the user as a short message with an error id; the server's log tail and
+its own message go to the operator's log under the same id, scrubbed of secrets. Its
+log holds paths and library internals a user must not see.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ import orjson
 from anyio import to_thread
 
 from afina.core.errors import InferenceUnavailable, InvalidRequest
-from afina.core.logging import log_event
+from afina.core.logging import log_event, new_error_id, redact
 from afina.core.settings import Settings
 from afina.gateway.inference.base import ChatRequest, usage_chunk
 
 log = logging.getLogger("afina.gateway.inference")
 READY_TIMEOUT_S = 120.0
 PORT_SCAN = 200
+LOG_TAIL_BYTES = 4000  # of a failed server's log, into the operator's log line
 
 
 @dataclass
@@ -43,6 +49,7 @@ class _Server:
     process: subprocess.Popen
     port: int
     log_path: Path
+    model_file: str = ""  # the GGUF's file name, for the operator's log
     users: int = 0
 
     @property
@@ -57,6 +64,24 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def log_tail(log_path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    """The last ``limit`` bytes of a server's log (empty if it wrote none)."""
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - limit))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _unavailable(what: str, event: str, **detail: object) -> InferenceUnavailable:
+    """A 503 a user may read (``what`` and an error id); ``detail`` goes to the operator log only."""
+    error_id = new_error_id()
+    log_event(log, event, logging.ERROR, error_id=error_id, **detail)
+    return InferenceUnavailable(f"{what[:1].upper()}{what[1:]}; error id {error_id}. Try again later, or give "
+                                "the operator this id.")
 
 
 def stop_server_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -94,7 +119,8 @@ class LlamaServerBackend:
         for port in range(base, base + PORT_SCAN):
             if port not in taken and _port_free(port):
                 return port
-        raise InferenceUnavailable(f"no free port in {base}..{base + PORT_SCAN - 1} for a llama.cpp server")
+        raise _unavailable("no capacity to start the model now", "llamacpp_server.no_port",
+                           ports=f"{base}..{base + PORT_SCAN - 1}")
 
     def _spawn(self, path: Path) -> _Server:
         port = self._pick_port()
@@ -109,14 +135,15 @@ class LlamaServerBackend:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
         log_event(log, "llamacpp_server.started", pid=process.pid, port=port, model=path.name)
-        return _Server(process=process, port=port, log_path=log_path)
+        return _Server(process=process, port=port, log_path=log_path, model_file=path.name)
 
     async def _wait_ready(self, server: _Server) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
-                tail = server.log_path.read_text(errors="replace")[-800:]
-                raise InferenceUnavailable(f"llama.cpp server exited with {server.process.returncode}: {tail}")
+                raise _unavailable("the model could not be started", "llamacpp_server.start_failed",
+                                   model=server.model_file, returncode=server.process.returncode,
+                                   log_tail=log_tail(server.log_path))
             try:
                 response = await self.client.get(f"{server.base_url}/v1/models", timeout=2.0)
                 if response.status_code == 200:
@@ -125,7 +152,8 @@ class LlamaServerBackend:
                 pass
             await anyio.sleep(0.1)
         await to_thread.run_sync(stop_server_process, server.process)
-        raise InferenceUnavailable(f"llama.cpp server not ready after {READY_TIMEOUT_S:.0f}s")
+        raise _unavailable(f"the model did not start within {READY_TIMEOUT_S:.0f}s", "llamacpp_server.not_ready",
+                           model=server.model_file, log_tail=log_tail(server.log_path))
 
     async def _acquire(self, path: Path) -> _Server:
         lock = self._start_locks.setdefault(path, asyncio.Lock())
@@ -222,7 +250,7 @@ class LlamaServerBackend:
 
 
 def _upstream_error(status: int, content: bytes) -> Exception:
-    """The server's own message for a request it refused (4xx); a 503 for anything else."""
+    """The server's own message for a request it refused (4xx); a 503 with an error id for anything else."""
     try:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
@@ -231,9 +259,10 @@ def _upstream_error(status: int, content: bytes) -> Exception:
     if isinstance(body, dict):
         error = body.get("error")
         message = (error.get("message") if isinstance(error, dict) else error) or body.get("detail")
-    message = str(message or content[:300].decode(errors="replace"))
+    message = redact(str(message or content[:300].decode(errors="replace")))
     if 400 <= status < 500:
         code = "context_length_exceeded" if "context" in message.lower() else "invalid_request"
         return InvalidRequest(message, param="messages", code=code)
-    return InferenceUnavailable(f"llama.cpp server answered {status}: {message}")
+    return _unavailable("the model failed to answer", "llamacpp_server.upstream_error", status=status,
+                        upstream_message=message)
 

@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 
 from afina.ingest.formats.base import ConversionError, as_text, kind_of
+from afina.ingest.sources.jsonl import nests_deeper_than, too_deep
+from afina.ingest.sources.limits import MAX_JSON_DEPTH
 
 Message = dict[str, Any]
 
@@ -89,8 +91,8 @@ def from_prompt_completion(record: dict[str, Any]) -> list[Message]:
         raise ConversionError("prompt", "missing_field", "the record has no 'prompt'")
     if "completion" not in record:
         raise ConversionError("completion", "missing_field", "the record has no 'completion' (the answer to learn)")
-    prompt = _maybe_json_list(record["prompt"])
-    completion = _maybe_json_list(record["completion"])
+    prompt = _maybe_json_list(record["prompt"], "prompt")
+    completion = _maybe_json_list(record["completion"], "completion")
     messages = message_list(prompt, "prompt") if isinstance(prompt, list) else \
         [{"role": "user", "content": _content(prompt, "prompt")}]
     if isinstance(completion, list):
@@ -147,18 +149,29 @@ def _maybe_json(value: Any, field: str) -> Any:
     """A list stored as a JSON string (CSV cells, Parquet string columns) parsed; others as they are."""
     if isinstance(value, str | bytes):
         try:
-            return orjson.loads(value)
+            parsed = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             raise ConversionError(field, "invalid_json", f"'{field}' holds text that is not valid JSON: {exc}") \
                 from None
+        _refuse_deep(parsed, field)
+        return parsed
     return value
 
 
-def _maybe_json_list(value: Any) -> Any:
+def _maybe_json_list(value: Any, field: str) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("[{"):
         try:
             parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
             return value
-        return parsed if isinstance(parsed, list) else value
+        if not isinstance(parsed, list):
+            return value
+        _refuse_deep(parsed, field)
+        return parsed
     return value
+
+
+def _refuse_deep(parsed: Any, field: str) -> None:
+    """JSON text in a cell is parsed here, not by a reader: the readers' nesting cap is applied here too."""
+    if nests_deeper_than(parsed, MAX_JSON_DEPTH):
+        raise ConversionError(field, "json_too_deep", too_deep(f"the JSON text in '{field}'"))

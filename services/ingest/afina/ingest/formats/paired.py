@@ -75,5 +75,8 @@ def _side_and_key(member: str, options: PairedOptions) -> tuple[str | None, str]
     for side, folder in (("input", options.inputs_dir), ("output", options.outputs_dir)):
         prefix = folder.strip("/") + "/"
         if member.startswith(prefix):
-            return side, str(PurePosixPath(member[len(prefix):]).with_suffix(""))
+            relative = PurePosixPath(member[len(prefix):])
+            if not relative.name:  # the folder itself ("inputs/", "inputs/."): no file to pair
+                return None, member
+            return side, str(relative.with_suffix(""))
     return None, member

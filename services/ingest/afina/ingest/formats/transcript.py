@@ -11,15 +11,17 @@ merged into one answer.
 Prefixes match case-insensitively, and also in their mojibake'd form (``VOCÃŠ:``, a
 UTF-8 log once read as Windows-1252, as the seed itself shows): the head of a line is
 compared after an ftfy fix.
+
+``ignore_patterns`` run with RE2, never with Python's backtracking ``re``: a user's pattern
+is matched against every line, and ``^(a|a)*$`` on a long line would take ``re`` forever.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from afina.core.datasets.options import TranscriptOptions
+from afina.core.datasets.options import TranscriptOptions, compile_ignore_pattern
 from afina.core.errors import InvalidRequest
 from afina.ingest.records import Example, RowIssue
 
@@ -52,11 +54,13 @@ class TranscriptParser:
                                key=lambda item: -len(item[0]))
         self.mojibake_prefixes = [(variant, role) for prefix, role in self.prefixes
                                   for variant in _mojibake_forms(prefix)]
-        try:
-            self.ignore = [re.compile(pattern) for pattern in options.ignore_patterns]
-        except re.error as exc:
-            raise InvalidRequest(f"transcript.ignore_patterns has an invalid regular expression: {exc}",
-                                 param="transcript.ignore_patterns") from None
+        self.ignore = []
+        for index, pattern in enumerate(options.ignore_patterns):  # validated with the options; checked again
+            try:
+                self.ignore.append(compile_ignore_pattern(pattern))
+            except ValueError as exc:
+                raise InvalidRequest(f"transcript.ignore_patterns[{index}] {exc}",
+                                     param=f"transcript.ignore_patterns[{index}]") from None
 
     def looks_like_transcript(self, text: str) -> bool:
         """At least one user and one assistant prefix start lines of ``text``."""

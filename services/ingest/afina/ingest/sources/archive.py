@@ -197,7 +197,9 @@ class _ZipArchive:
     def __enter__(self) -> _ZipArchive:
         try:
             self.zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        # NotImplementedError: a header's version is past what zipfile reads; ValueError: a name that is not
+        # UTF-8 although flagged so, an offset out of the file
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
             raise DatasetInvalid(f"{self.filename} is not a readable ZIP archive: {exc}", rule="invalid_archive",
                                  param="file") from None
         try:
@@ -231,7 +233,7 @@ class _ZipArchive:
         try:
             with self.zip.open(member.handle) as src:  # type: ignore[call-overload]
                 _copy_capped(src, target, source, member.size, member.handle.compress_size, budget)  # type: ignore[attr-defined]
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, ValueError) as exc:
             raise DatasetInvalid(f"{source} could not be extracted (corrupt archive member): {exc}",
                                  rule="invalid_archive", param="file") from None
 

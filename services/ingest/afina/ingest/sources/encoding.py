@@ -130,9 +130,14 @@ def sniff_encoding(path: Path, source: str, override: str | None = None) -> Text
 def _overridden(override: str, bom: tuple[bytes, str, str] | None, source: str) -> TextEncoding:
     try:
         info = codecs.lookup(override)
+        _check_text_codec(info)
     except LookupError:
         raise InvalidRequest(f"unknown encoding {override!r} in the ingest options for {source}; use a name like "
                              f"'utf-8', 'latin-1', 'cp1252' or 'utf-16'", param="encoding") from None
+    except (UnicodeError, TypeError, ValueError):
+        raise InvalidRequest(f"{override!r} in the ingest options for {source} is not a text encoding a file can be "
+                             f"read with; use a name like 'utf-8', 'latin-1', 'cp1252' or 'utf-16'",
+                             param="encoding") from None
     if bom is not None and codecs.lookup(bom[1]).name.split("-")[0:2] == info.name.split("-")[0:2]:
         # the BOM names the byte order the override left open ("utf-16" with an LE mark)
         note = RowIssue(source, 0, "file", "bom_removed", "fixed",
@@ -143,6 +148,16 @@ def _overridden(override: str, bom: tuple[bytes, str, str] | None, source: str) 
                              f"order instead ('{info.name}-le' or '{info.name}-be')", rule="invalid_encoding",
                              param="encoding")
     return TextEncoding(info.name, label=info.name)
+
+
+def _check_text_codec(info: codecs.CodecInfo) -> None:
+    """Python's codec registry also holds transforms (``rot13``, ``base64``) and codecs that decode only
+    whole strings (``idna``): the readers need a charset that decodes a stream, skipping or refusing bytes."""
+    if not getattr(info, "_is_text_encoding", True):
+        raise ValueError(f"{info.name} is not a text encoding")
+    decoder = codecs.getincrementaldecoder(info.name)(errors="ignore")
+    decoder.decode(b"abc\xff", final=True)
+    b"abc".decode(info.name, "ignore")
 
 
 @dataclass

@@ -13,6 +13,18 @@ GiB = 1024 * MiB
 # dataset on one line, a binary blob), reported as a row error without reading it whole.
 MAX_LINE_BYTES = 16 * MiB
 
+# One CSV field: as large as one JSONL record may be. Enforced by afina's own instance of the csv
+# module (``csv_rows``): the process-wide ``csv.field_size_limit`` is left as it is.
+MAX_CSV_FIELD_CHARS = MAX_LINE_BYTES
+# One CSV record (its fields together, over all the lines a quoted field spans): bounds what the
+# reader holds in memory for one row whatever the number of fields.
+MAX_CSV_RECORD_CHARS = 4 * MAX_LINE_BYTES
+
+# JSON nesting (arrays and objects inside each other): a dataset record nests a few levels
+# (messages -> message -> content parts); thousands of levels are an attack on the parser and on
+# every stage that walks a record. Checked while parsing, so the check costs no extra pass.
+MAX_JSON_DEPTH = 64
+
 # A TXT file (or archive member) is read whole: the text converter and the transcript
 # parser need all of it. Larger text should be split or uploaded as JSONL.
 MAX_TEXT_BYTES = 128 * MiB

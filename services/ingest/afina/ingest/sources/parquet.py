@@ -18,9 +18,12 @@ def read_parquet(path: Path, source: str) -> Iterator[SourceRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # what a damaged file raises: Arrow's errors, and ValueError (UnicodeDecodeError) from metadata or string
+    # data that is not UTF-8
+    damaged = (pa.ArrowException, OSError, ValueError)
     try:
         parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
+    except damaged as exc:
         raise DatasetInvalid(f"{source} is not a readable Parquet file: {exc}", rule="invalid_parquet",
                              param="file") from None
     if parquet.metadata.num_rows == 0:
@@ -31,11 +34,12 @@ def read_parquet(path: Path, source: str) -> Iterator[SourceRow]:
     while True:
         try:
             batch = next(batches)
+            values = batch.to_pylist()
         except StopIteration:
             return
-        except (pa.ArrowException, OSError) as exc:
+        except damaged as exc:
             raise DatasetInvalid(f"{source}: Parquet data after row {number} could not be read: {exc}",
                                  line=number + 1, rule="invalid_parquet", param="file") from None
-        for value in batch.to_pylist():
+        for value in values:
             number += 1
             yield SourceRow(source, number, value)

@@ -1,0 +1,43 @@
+"""Input rules every route shares: no NUL character in a text parameter.
+
+PostgreSQL's text columns cannot hold U+0000, so an id, name or filter with one made the
+registry query raise and the request answer 500. No afina id or model name contains it,
+so such a value is refused up front with a 400 naming the parameter. Path and query
+parameters are checked by ``refuse_nul_params`` (a router dependency); body fields that
+reach the registry use ``NulFreeStr``; a service that reads a value no router checked (a
+form field) calls ``check_no_nul``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Request
+from pydantic import AfterValidator
+
+from afina.core.errors import InvalidRequest
+
+NUL = "\x00"
+NUL_MESSAGE = "contains a NUL character (U+0000), which no afina id, name or filter can hold"
+
+
+def _no_nul(value: str) -> str:
+    if NUL in value:
+        raise ValueError(NUL_MESSAGE)
+    return value
+
+
+NulFreeStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+def check_no_nul(name: str, value: str | None) -> None:
+    """A 400 naming ``name`` when ``value`` holds NUL (for values no router dependency saw)."""
+    if value is not None and NUL in value:
+        raise InvalidRequest(f"Invalid '{name}': {NUL_MESSAGE}.", param=name)
+
+
+def refuse_nul_params(request: Request) -> None:
+    """Refuse a path or query parameter holding NUL before any route logic runs (a router dependency)."""
+    for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
+        if isinstance(value, str):
+            check_no_nul(name, value)
