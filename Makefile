@@ -33,8 +33,8 @@ demo: install  ## start the embedded stack, fine-tune SmolLM2 on the sample data
 test: install  ## unit, integration (real servers) and end-to-end tests
 	$(PY) -m pytest
 
-test-fast: install  ## everything but the slow end-to-end tests
-	$(PY) -m pytest -m "not slow"
+test-fast: install  ## the tests/unit/ tests: no server, no real model (deselects slow, integration, e2e)
+	$(PY) -m pytest -m "not slow and not integration and not e2e"
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check shared services cli deploy tests bench

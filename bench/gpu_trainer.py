@@ -187,16 +187,20 @@ def run_afina(args: argparse.Namespace) -> dict[str, Any]:
 
 def _new_job(runtime: Any, ids: Any, repo: Any, job_model: Any, model_dir: str, data: list[dict[str, Any]],
              hyperparameters: dict[str, Any]) -> str:
+    import time
+
     import orjson
+
+    from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, SplitFile
 
     job_id = ids.job_id()
     prefix = f"datasets/bench/{job_id}"
     body = b"".join(orjson.dumps(example) + b"\n" for example in data)
     info = runtime.store.put_bytes(f"{prefix}/train.jsonl", body)
-    manifest = {"format": "openai-chat", "counts": {"train": len(data), "validation": 0},
-                "splits": {"train": {"key": info.key, "sha256": info.sha256, "bytes": info.size,
-                                     "examples": len(data)}}}
-    runtime.store.put_bytes(f"{prefix}/manifest.json", orjson.dumps(manifest))
+    split = SplitFile(key=info.key, sha256=info.sha256, bytes=info.size, examples=len(data))
+    DatasetManifest.build(format="openai-chat", counts={"train": len(data), "validation": 0},
+                          splits={"train": split}, created_at=int(time.time())).write(
+        runtime.store, f"{prefix}/{DATASET_MANIFEST}")
     with runtime.db.session() as session:
         repo.ensure_tenant(session, "bench")
         session.add(job_model(id=job_id, tenant_id="bench", model=str(model_dir), training_file="file-bench",

@@ -147,9 +147,9 @@ def child_afina(data: Path, work: Path, cache_dir: Path) -> dict:
                          progress_every=100_000, processes=processes)
     seconds = time.monotonic() - started
     _WORKERS_SEEN[0] = result.processes
-    counts = result.manifest["counts"]
+    counts = result.manifest.counts
     return {"seconds": seconds, "rows_in": counts["rows"], "rows_out": counts["examples"],
-            "splits": {name: info["examples"] for name, info in result.manifest["splits"].items()},
+            "splits": {name: split.examples for name, split in result.manifest.splits.items()},
             "truncated_or_dropped": counts["too_long"], "processes": processes, **_rss()}
 
 

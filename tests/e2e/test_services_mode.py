@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from afina.deploy.runner import StackState, restart_worker
 from tests.support.jobs import SAMPLE_DATASET
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+SMOLLM2_VOCABULARY = 49_152
 
 
 def client_for(state: StackState) -> openai.OpenAI:
@@ -56,8 +58,13 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
     assert job.trained_tokens and job.trained_tokens > 0
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
-    metrics = [e for e in events if e.type == "metrics"]
-    assert metrics and all(e.data["train_loss"] >= 0 for e in metrics)
+    by_step = {e.data["step"]: e.data for e in events if e.type == "metrics" and "train_loss" in e.data}
+    total_steps = by_step[1]["total_steps"]
+    assert sorted(by_step) == list(range(1, total_steps + 1)), sorted(by_step)  # one metrics event a step
+    losses = [by_step[step]["train_loss"] for step in sorted(by_step)]
+    # a token cross-entropy: above 0 (there were trained tokens), below what a model that knows nothing scores
+    # (ln of the vocabulary); a NaN or infinite loss, or a step with every label masked, fails this
+    assert all(0 < loss < math.log(SMOLLM2_VOCABULARY) for loss in losses), losses
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
 
@@ -65,7 +72,9 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
     assert {"report.md", "report.html", "step_metrics.csv", "training_metrics.jsonl",
             "hardware_metrics.jsonl", "chart_loss.png"} <= set(result_files)
     step_metrics = client.files.content(result_files["step_metrics.csv"]).text.splitlines()
-    assert step_metrics[0].startswith("step,train_loss") and len(step_metrics) > 1
+    assert step_metrics[0].startswith("step,train_loss")
+    csv_losses = {int(row.split(",")[0]): float(row.split(",")[1]) for row in step_metrics[1:]}
+    assert csv_losses == pytest.approx(dict(zip(sorted(by_step), losses, strict=True)), rel=1e-4)
     assert "# Training report" in client.files.content(result_files["report.md"]).text
     assert client.files.content(result_files["chart_loss.png"]).content.startswith(b"\x89PNG")
 

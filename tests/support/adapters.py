@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from afina.core.artifacts.adapter import commit_adapter
 from afina.core.catalog import CATALOG, BaseModelSpec
 from afina.core.datasets.layout import adapter_prefix
 from afina.core.runtime import Runtime
@@ -66,18 +67,22 @@ def make_perturbed_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, scal
 
 
 def store_adapter(runtime: Runtime, tenant_id: str, job_id: str, adapter_dir: Path) -> str:
-    """Upload an adapter where the trainer commits it for ``job_id`` of ``tenant_id``; returns the prefix."""
+    """Commit an adapter where (and as) the trainer commits it for ``job_id`` of ``tenant_id``; returns the prefix."""
     prefix = adapter_prefix(tenant_id, job_id)
-    for path in sorted(adapter_dir.iterdir()):
-        if path.is_file() and path.name != DONE:
-            runtime.store.put_file(f"{prefix}/{path.name}", path)
+    spec = base_spec()
+    staged = adapter_dir.parent / f"{adapter_dir.name}-staged-{job_id}"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(adapter_dir, staged, ignore=shutil.ignore_patterns(DONE))
+    try:
+        commit_adapter(runtime.store, prefix, staged, job_id=job_id, base=spec, global_step=1, trained_tokens=1)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return prefix
 
 
-# Session fixtures shared by tests/unit/exporter and tests/integration/exporter (each conftest imports them).
-# The files live in the session's temp root, so whichever directory runs first makes them and the other finds
-# them on disk; the base model is the one tests/support/models.py materializes for the trainer's tests too,
-# so the ~30 s conversion happens once per session.
+# Session fixtures of tests/integration/exporter (its conftest imports them). The files live in the session's
+# temp root and are made once; the base model is the one tests/support/models.py materializes for the trainer's
+# tests too, so the ~30 s conversion happens once per session.
 
 
 def exporter_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

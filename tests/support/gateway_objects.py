@@ -83,7 +83,7 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
         checkpoints = [repo.add_checkpoint(session, job.id, step, f"{prefix}/checkpoints/step-{step}",
                                            {"train_loss": 2.0 / step}).id for step in (1, 2)]
         repo.register_model(session, name=name, tenant_id=tenant, base_model=SMOLLM2, job_id=job.id,
-                            artifacts={"gguf": {"q4_k_m": gguf_key}, "serve": "q4_k_m"})
+                            artifacts=served_artifacts(tenant, job.id, {"q4_k_m": gguf_key}))
     return TenantObjects(tenant=tenant, training_file=training.id, result_file=result.id, job=job.id, events=events,
                          checkpoints=checkpoints, model=name,
                          checkpoint_models=[checkpoint_model_name(name, step) for step in (1, 2)],
@@ -95,3 +95,14 @@ def missing_like(value: str) -> str:
     import re
 
     return re.sub(r"[0-9a-f]{8,}", lambda match: secrets.token_hex(len(match.group()))[:len(match.group())], value)
+
+
+def served_artifacts(tenant_id: str, job_id: str, gguf: dict[str, str], serve: str = "q4_k_m") -> dict:
+    """A registry row's ``artifacts`` as the exporter writes them (``ServedArtifacts``), for the given GGUF keys."""
+    from afina.core.artifacts import ServedArtifacts
+    from afina.core.datasets.layout import adapter_prefix
+
+    prefix = model_prefix(tenant_id, job_id)
+    return ServedArtifacts.build(gguf=gguf, serve=serve, modelfile=f"{prefix}/Modelfile",
+                                 manifest=f"{prefix}/manifest.json",
+                                 adapter=adapter_prefix(tenant_id, job_id)).model_dump(mode="json")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from afina.core import ids
+from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, SplitFile
 from afina.core.datasets.layout import dataset_prefix, raw_file_key
 from afina.core.db import repository as repo
 from afina.core.db.models import File, Job
@@ -51,17 +53,17 @@ def create_job(runtime: Runtime, tenant_id: str, training_file: str, *, model: s
 
 def write_prepared_dataset(runtime: Runtime, tenant_id: str, job_id: str, train: list[dict[str, Any]],
                            validation: list[dict[str, Any]] | None = None) -> str:
-    """Store a dataset the way the ingest stage commits it, and point the job at it."""
+    """Store a dataset the way the ingest stage commits it (splits, then its ``DatasetManifest``), and point the
+    job at it."""
     prefix = dataset_prefix(tenant_id, f"file-test-{job_id}", None)
-    manifest: dict[str, Any] = {"format": "openai-chat", "counts": {"train": len(train),
-                                                                    "validation": len(validation or [])},
-                                "splits": {}}
+    splits: dict[str, SplitFile] = {}
     for name, records in (("train", train), ("validation", validation or [])):
         if records:
             info = runtime.store.put_bytes(f"{prefix}/{name}.jsonl", b"".join(orjson.dumps(r) + b"\n" for r in records))
-            manifest["splits"][name] = {"key": info.key, "sha256": info.sha256, "bytes": info.size,
-                                        "examples": len(records)}
-    runtime.store.put_bytes(f"{prefix}/manifest.json", orjson.dumps(manifest))
+            splits[name] = SplitFile(key=info.key, sha256=info.sha256 or "", bytes=info.size, examples=len(records))
+    manifest = DatasetManifest.build(format="openai-chat", splits=splits, created_at=int(time.time()),
+                                     counts={"train": len(train), "validation": len(validation or [])})
+    manifest.write(runtime.store, f"{prefix}/{DATASET_MANIFEST}")
     with runtime.db.session() as session:
         job = repo.get_job(session, None, job_id)
         job.dataset_key = prefix

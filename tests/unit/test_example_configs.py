@@ -46,7 +46,7 @@ def test_example_config_is_valid_and_runnable(path: Path) -> None:
     assert spec.catalog and spec.family.name in FAMILY_EXAMPLES[path.stem]
     for data_file in filter(None, (job.training_file, job.validation_file)):
         assert (path.parent / data_file).is_file(), data_file
-    config = resolve_hyperparameters(job.hyperparameters.requested(), n_train=80,
+    config = resolve_hyperparameters(job.training_spec().requested(), n_train=80,
                                      context_length=spec.context_length,
                                      n_validation=80 if job.validation_file else 0,
                                      default_target_modules=spec.family.target_modules)

@@ -11,50 +11,52 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from afina.core.errors import InvalidRequest
-from afina.core.training import load_job_file, parse_training_spec
+from afina.core.training import FineTuningRequest, load_job_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-@dataclass
-class JobRequest:
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    suffix: str | None = None
-    seed: int | None = None
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-
-
-def job_request(args: argparse.Namespace) -> JobRequest:
-    """The job ``args`` describe: ``--config`` first, then the flags over it."""
+def job_request(args: argparse.Namespace) -> FineTuningRequest:
+    """The job ``args`` describe: ``--config`` first, then the flags over it, checked as the API checks it."""
     if args.config is not None:
         job = load_job_file(args.config)
-        request = JobRequest(model=job.model, training_file=_relative(args.config.parent, job.training_file),
-                             validation_file=_relative(args.config.parent, job.validation_file), suffix=job.suffix,
-                             seed=job.seed, hyperparameters=job.hyperparameters.requested())
+        values = job.model_dump(exclude_none=True)
+        values["training_file"] = _relative(args.config.parent, job.training_file)
+        values["validation_file"] = _relative(args.config.parent, job.validation_file)
     elif args.file is None:
         raise InvalidRequest("give a training file, or a job config with --config job.yaml", param="file")
     else:
-        request = JobRequest(model=DEFAULT_MODEL, training_file=args.file)
+        values = {"model": DEFAULT_MODEL, "training_file": args.file}
     if args.file is not None:
-        request.training_file = args.file
+        values["training_file"] = args.file
     if args.model is not None:
-        request.model = args.model
+        values["model"] = args.model
     if args.suffix is not None:
-        request.suffix = args.suffix
+        values["suffix"] = args.suffix
     flags = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.lr_multiplier}
-    request.hyperparameters.update({name: value for name, value in flags.items() if value is not None})
-    parse_training_spec(request.hyperparameters)  # the flags are checked like the file
+    chosen = {name: value for name, value in flags.items() if value is not None}
+    if chosen:  # the flags win over the file: they replace its value wherever the file put it
+        spec = FineTuningRequest.model_validate(values).training_spec().requested()
+        values.pop("method", None)
+        values["hyperparameters"] = {**spec, **chosen}
+    try:
+        request = FineTuningRequest.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first.get("loc", ())) or "config"
+        raise InvalidRequest(f"invalid {param}: {str(first.get('msg')).removeprefix('Value error, ')}",
+                             param=param) from None
+    request.training_spec()  # the flags are checked like the file
     return request
 
 
-def submit_job(client: Any, request: JobRequest) -> Any:
+def submit_job(client: Any, request: FineTuningRequest) -> Any:
     """Upload local data files, then create the job (OpenAI's ``method`` form)."""
     training_file = _upload_if_local(client, request.training_file, "training_file")
     validation_file = (_upload_if_local(client, request.validation_file, "validation_file")
@@ -64,9 +66,12 @@ def submit_job(client: Any, request: JobRequest) -> Any:
         extra["seed"] = request.seed
     if validation_file is not None:
         extra["validation_file"] = validation_file
+    if request.metadata is not None:
+        extra["metadata"] = request.metadata
+    hyperparameters = request.training_spec().requested()
     return client.fine_tuning.jobs.create(
         model=request.model, training_file=training_file, suffix=request.suffix,
-        method={"type": "supervised", "supervised": {"hyperparameters": request.hyperparameters}}, **extra)
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}, **extra)
 
 
 def _relative(base_dir: Path, reference: str | None) -> str | None:

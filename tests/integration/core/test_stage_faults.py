@@ -196,7 +196,7 @@ def test_a_worker_that_lost_its_lease_changes_nothing(runtime: Runtime) -> None:
         with runtime.db.session() as session:
             assert repo.acquire_lease(session, job.id, "the-new-owner", 60)
         with pytest.raises(LeaseLost):
-            context.update(trained_tokens=123)
+            context.record_trained_tokens(123)
         with pytest.raises(LeaseLost):
             context.event("a stale worker's event")
         return "export"

@@ -101,6 +101,7 @@ def test_job_succeeded_with_one_registered_model(exported: Exported) -> None:
     [model] = models_of(runtime, job_id)
     assert model.name == row.fine_tuned_model and model.base_model == "smollm2-135m-instruct"
     assert model.artifacts == {
+        "schema_version": 2,
         "gguf": {"f16": f"{prefix}/model-f16.gguf", "q4_k_m": f"{prefix}/model-q4_k_m.gguf",
                  "q8_0": f"{prefix}/model-q8_0.gguf"},
         "serve": "q4_k_m",
@@ -188,3 +189,20 @@ def test_a_resumed_export_reuses_the_stored_gguf_on_postgres_and_s3(
     assert set(manifest["timings"]) == {"quantize_q4_k_m", "quantize_q8_0", "verify"}
     assert orjson.loads(runtime.store.get_bytes(f"{prefix}/verification.json"))["passed"] is True
     runtime.db.dispose()
+
+
+def test_a_manifest_is_reused_only_while_every_file_has_its_sha256(exported: Exported, tmp_path: Path) -> None:
+    from afina.exporter.pipeline import ExportKeys, read_complete_manifest
+
+    runtime, prefix = exported.runtime, exported.prefix
+    keys = ExportKeys(prefix, ("f16", "q4_k_m", "q8_0"))
+    assert read_complete_manifest(runtime.store, keys) is not None
+    key = keys.gguf("q8_0")
+    original = runtime.store.get_bytes(key)
+    flipped = original[:-1] + bytes([original[-1] ^ 0xFF])  # same size, one byte changed
+    runtime.store.put_bytes(key, flipped)
+    try:
+        assert read_complete_manifest(runtime.store, keys) is None  # a size check alone would have trusted it
+    finally:
+        runtime.store.put_bytes(key, original)
+    assert read_complete_manifest(runtime.store, keys) is not None

@@ -17,8 +17,10 @@ from afina.core.datasets.layout import model_prefix
 from afina.core.db import repository as repo
 from afina.core.naming import fine_tuned_model_name
 from tests.integration.gateway.conftest import SMOLLM2, Gateway, make_settings, start_gateway
+from tests.support.gateway_objects import served_artifacts
 from tests.support.servers import free_port
 
+pytestmark = pytest.mark.slow  # llama.cpp inference
 SYSTEM_FIRST = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
 TWO_USERS = [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Say hello."}]
 
@@ -43,8 +45,7 @@ def register(gateway: Gateway, gguf: Path) -> str:
     gateway.runtime.store.put_file(key, gguf)
     with gateway.runtime.db.session() as session:
         repo.register_model(session, name=name, tenant_id="acme", base_model=SMOLLM2, job_id=job_id,
-                            artifacts={"gguf": {"q4_k_m": key}, "serve": "q4_k_m",
-                                       "modelfile": f"{model_prefix('acme', job_id)}/Modelfile"})
+                            artifacts=served_artifacts("acme", job_id, {"q4_k_m": key}))
     return name
 
 

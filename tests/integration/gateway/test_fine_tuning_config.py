@@ -78,8 +78,12 @@ def test_a_full_config_is_stored_as_asked_and_shown_openai_style(gateway: Gatewa
     assert job.hyperparameters.model_dump() == {"n_epochs": 2, "batch_size": "auto",
                                                 "learning_rate_multiplier": "auto"}
     with gateway.runtime.db.session() as session:
-        stored = repo.get_job(session, "acme", job.id).hyperparameters
-    assert stored == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", **extras}
+        row = repo.get_job(session, "acme", job.id)
+    # stored once, as asked (no "auto" filled in, no copy under method), and the base model resolved once
+    assert row.hyperparameters == {"n_epochs": 2, **extras}
+    assert row.method == {"type": "supervised"} and row.training_config is None
+    assert row.base_model is not None and row.base_model["id"] == SMOLLM2
+    assert row.base_model["family"] == "chatml" and row.base_model["source"] == "catalog"
 
 
 def test_a_catalog_model_is_accepted_without_its_weights_here(acme, upload) -> None:  # noqa: ANN001

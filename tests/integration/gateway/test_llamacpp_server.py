@@ -12,7 +12,7 @@ from tests.integration.gateway.conftest import SMOLLM2, Gateway, make_settings, 
 from tests.support.servers import free_port
 
 # `make install` installs llama-cpp-python[server]; a missing server dependency is a failure here, not a skip
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 

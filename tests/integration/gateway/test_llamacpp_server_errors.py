@@ -21,6 +21,7 @@ from afina.core.db import repository as repo
 from afina.core.logging import JsonFormatter, KeyValueFormatter
 from afina.core.naming import fine_tuned_model_name
 from tests.integration.gateway.conftest import SMOLLM2, Gateway, make_settings, start_gateway
+from tests.support.gateway_objects import served_artifacts
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration]
@@ -40,7 +41,7 @@ def broken_model_gateway(tmp_path: Path) -> Iterator[tuple[Gateway, str]]:
     gateway.runtime.store.put_bytes(key, b"NOT A GGUF " * 64)
     with gateway.runtime.db.session() as session:
         repo.register_model(session, name=name, tenant_id="acme", base_model=SMOLLM2, job_id=job_id,
-                            artifacts={"gguf": {"q4_k_m": key}, "serve": "q4_k_m"})
+                            artifacts=served_artifacts("acme", job_id, {"q4_k_m": key}))
     yield gateway, name
     gateway.served.stop()
     gateway.runtime.db.dispose()

@@ -10,7 +10,9 @@ from afina.core.datasets.layout import model_prefix
 from afina.core.db import repository as repo
 from afina.core.naming import fine_tuned_model_name
 from tests.integration.gateway.conftest import SMOLLM2, Gateway
+from tests.support.gateway_objects import served_artifacts
 
+pytestmark = pytest.mark.slow  # llama.cpp inference
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
@@ -23,8 +25,8 @@ def fine_tune(gateway: Gateway) -> str:
     gateway.runtime.store.put_file(key, resolve_base_model(SMOLLM2).gguf_path())
     with gateway.runtime.db.session() as session:
         repo.register_model(session, name=name, tenant_id="acme", base_model=SMOLLM2, job_id=job_id,
-                            artifacts={"gguf": {"q4_k_m": key, "q8_0": key + ".missing", "f16": key + ".missing"},
-                                       "serve": "q4_k_m", "modelfile": f"{model_prefix('acme', job_id)}/Modelfile"})
+                            artifacts=served_artifacts("acme", job_id, {"q4_k_m": key, "q8_0": key + ".missing",
+                                                                        "f16": key + ".missing"}))
     return name
 
 

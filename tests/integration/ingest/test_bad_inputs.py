@@ -244,7 +244,11 @@ def test_a_latin1_file_is_detected_decoded_and_reported(ingest_stack: IngestStac
     notes = [entry for entry in ingest_stack.report(status["file_id"]) if entry["rule"] == "encoding_detected"]
     assert notes and notes[0]["line"] == 0 and "latin-1" in notes[0]["detail"]
     preview = httpx_text(ingest_stack, f"/v1/files/{status['file_id']}/ingest/preview")
-    assert "Ação rápida" in preview or "Amanhã" in preview or "pedido" in preview
+    # only row 0 has these words, and only a latin-1 decode gives them back: read as UTF-8 the accented bytes
+    # are invalid (U+FFFD), and text decoded with the wrong codec a second time is mojibake ("AÃ§Ã£o")
+    assert "Qual é a previsão de entrega? Ação rápida!" in preview
+    assert "Amanhã, até às 18h. Obrigado!" in preview
+    assert "\ufffd" not in preview and "Ã" not in preview
 
 
 def httpx_text(stack: IngestStack, path: str) -> str:

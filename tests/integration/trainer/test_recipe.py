@@ -14,11 +14,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from afina.core.artifacts.adapter import ADAPTER_MARKER, AdapterManifest
 from afina.core.catalog import CATALOG
 from afina.core.datasets.layout import adapter_prefix, checkpoint_prefix, job_prefix
 from afina.core.db import repository as repo
 from afina.core.queue.jobs import recover_stale_jobs, run_stage
-from afina.trainer.recipe import ADAPTER_MARKER, train_job
+from afina.trainer.recipe import train_job
 from tests.integration.trainer.conftest import (
     RUN_HYPERPARAMETERS,
     TENANT,
@@ -47,8 +48,8 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
     assert reference_run.outcome == "done"
     job = job_row(runtime, job_id)
     assert (job.status, job.stage, job.error) == ("running", "export", None)
-    assert job.hyperparameters["resolved"]["batch_size"] == 4 and job.hyperparameters["resolved"]["n_epochs"] == 1
-    assert job.hyperparameters["n_epochs"] == 1  # the request stays as asked
+    assert job.training_config["batch_size"] == 4 and job.training_config["n_epochs"] == 1
+    assert job.hyperparameters == RUN_HYPERPARAMETERS  # the request stays as asked, stored once
 
     messages = [event.message for event in job_events(runtime, job_id)]
     assert "Fine-tuning job started" in messages
@@ -81,11 +82,16 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
 
     # the adapter: LoRA weights that moved, named after the public base, with the STOCK chat template
     adapter = adapter_prefix(TENANT, job_id)
-    marker = orjson.loads(runtime.store.get_bytes(f"{adapter}/{ADAPTER_MARKER}"))
-    assert marker["base_model"] == SPEC.id and marker["global_step"] == 6
+    marker = AdapterManifest.read(runtime.store, f"{adapter}/{ADAPTER_MARKER}")
+    assert marker is not None and marker.base_model == SPEC.id and marker.global_step == 6
+    assert marker.trained_tokens == job.trained_tokens and marker.chat_family == SPEC.family.name
     config = json.loads(runtime.store.get_bytes(f"{adapter}/adapter_config.json"))
     assert config["base_model_name_or_path"] == SPEC.hf_repo and config["r"] == 16
-    assert set(config["target_modules"]) == set(SPEC.family.target_modules)
+    assert set(config["target_modules"]) == set(SPEC.family.target_modules) == set(marker.lora.target_modules)
+    marker.check_intact(runtime.store, adapter)  # every file listed, with the sha256 of what is stored
+    stored_adapter = {info.key for info in runtime.store.list(f"{adapter}/")}
+    assert {entry.key for entry in marker.files} == stored_adapter - {f"{adapter}/{ADAPTER_MARKER}"}
+    assert {"tokenizer.json", "chat_template.jinja"} <= set(marker.tokenizer_files)
     assert runtime.store.get_bytes(f"{adapter}/chat_template.jinja").decode() == SPEC.family.stock_template
     from safetensors.torch import load
 
@@ -228,8 +234,7 @@ def test_a_job_continues_from_an_earlier_jobs_adapter(reference_run: Run) -> Non
     runtime = reference_run.runtime
     parent = {"model": "ft:smollm2-135m-instruct:acme:test:" + reference_run.job_id, "job_id": reference_run.job_id}
     job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "max_steps": 1, "save_steps": 100}, validation=False)
-    runtime_update(runtime, job_id, method={"type": "supervised", "supervised": {"hyperparameters": {},
-                                                                                  "init_from": parent}})
+    runtime_update(runtime, job_id, method={"type": "supervised", "supervised": {"init_from": parent}})
     assert run_stage(runtime, job_id, "train", train_job) == "done"
     messages = [event.message for event in job_events(runtime, job_id)]
     assert any(m.startswith(f"Continuing from the adapter of job {reference_run.job_id}") for m in messages)
@@ -239,8 +244,7 @@ def test_a_job_continues_from_an_earlier_jobs_adapter(reference_run: Run) -> Non
 
     # an adapter of another shape cannot be continued: the job says which rank to use
     mismatch = new_job(runtime, {**RUN_HYPERPARAMETERS, "max_steps": 1, "lora_r": 8}, validation=False)
-    runtime_update(runtime, mismatch, method={"type": "supervised", "supervised": {"hyperparameters": {},
-                                                                                    "init_from": parent}})
+    runtime_update(runtime, mismatch, method={"type": "supervised", "supervised": {"init_from": parent}})
     assert run_stage(runtime, mismatch, "train", train_job) == "failed"
     error = job_row(runtime, mismatch).error
     assert error["code"] == "incompatible_adapter" and "lora_r to 16" in error["message"]

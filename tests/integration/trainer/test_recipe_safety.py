@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from afina.core.artifacts.adapter import ADAPTER_MARKER, AdapterManifest
+from afina.core.datasets.layout import adapter_prefix
 from afina.core.queue.jobs import run_stage
 from afina.trainer.recipe import train_job
 from tests.integration.trainer.conftest import (
@@ -35,7 +37,7 @@ def _messages(runtime: Any, job_id: str) -> list[str]:
 def test_a_packed_run_trains_on_full_rows(model_cache: Path, tmp_path: Path) -> None:
     runtime = make_runtime(tmp_path / "home", model_cache)
     job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "packing": True, "max_seq_len": 512, "batch_size": 1,
-                               "save_steps": 100}, validation=True)
+                               "save_steps": 100, "target_modules": ["q_proj", "v_proj"]}, validation=True)
     assert run_stage(runtime, job_id, "train", train_job) == "done"
     messages = _messages(runtime, job_id)
     packed = next(message for message in messages if message.startswith("Packed 24 example(s) into "))
@@ -45,7 +47,10 @@ def test_a_packed_run_trains_on_full_rows(model_cache: Path, tmp_path: Path) -> 
     assert sorted(metrics) == list(range(1, rows + 1))  # batch 1: one packed row a step, one epoch
     assert all(finite(data["train_loss"]) for data in metrics.values())
     job = job_row(runtime, job_id)
-    assert job.hyperparameters["resolved"]["packing"] is True
+    assert job.training_config["packing"] is True
+    # the commit marker names the two modules this job's LoRA adapted, as PEFT saved them
+    marker = AdapterManifest.read(runtime.store, f"{adapter_prefix(job.tenant_id, job_id)}/{ADAPTER_MARKER}")
+    assert marker is not None and marker.lora.target_modules == ("q_proj", "v_proj")
     # no padding: the tokens seen in the one epoch are exactly the examples' tokens, each once
     tokenized = next(m for m in messages if m.startswith("Dataset tokenized:"))
     example_tokens = int(re.search(r"example\(s\), ([\d,]+) tokens", tokenized).group(1).replace(",", ""))
@@ -73,7 +78,7 @@ def test_cuda_out_of_memory_retries_once_with_half_the_micro_batch(model_cache: 
     assert run_stage(runtime, job_id, "train", train_job) == "done"
     messages = _messages(runtime, job_id)
     assert any("retrying once with batch_size 2 and gradient_accumulation_steps 2" in m for m in messages)
-    resolved = job_row(runtime, job_id).hyperparameters["resolved"]
+    resolved = job_row(runtime, job_id).training_config
     assert (resolved["batch_size"], resolved["gradient_accumulation_steps"]) == (2, 2)
     assert sorted(training_metrics(runtime, job_id)) == [1, 2]
 

@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
+from afina.core.db.models import Job
 from afina.core.errors import InvalidRequest
 from afina.core.training import (
     BASE_LEARNING_RATE,
     load_job_file,
     parse_job_file,
     parse_training_spec,
-    requested_hyperparameters,
     resolve_hyperparameters,
-    with_resolved,
 )
+from afina.core.training.lifecycle import resolution_input, stored_training_config
 
 EVERYTHING: dict[str, Any] = {
     "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5, "lora_r": 8, "lora_alpha": 16,
@@ -130,18 +130,21 @@ def test_target_modules_default_to_the_family_when_given() -> None:
 def test_resolution_is_idempotent_with_every_field() -> None:
     requested = {key: value for key, value in EVERYTHING.items() if key not in ("n_epochs", "batch_size")}
     config = resolve_hyperparameters(requested, n_train=100, n_validation=10, default_target_modules=("q_proj",))
-    stored = with_resolved(requested, config)
-    again = resolve_hyperparameters(requested_hyperparameters(stored), n_train=5000, n_validation=10)
+    job = Job(hyperparameters=requested, training_config=stored_training_config(config))
+    again = resolve_hyperparameters(resolution_input(job), n_train=5000, n_validation=10)
     assert again.public() == config.public()  # the stored numbers win over new autos
-    assert "learning_rate" in stored["resolved"]  # shown, and ignored when resolving again
+    assert "learning_rate" in job.training_config  # shown, and ignored when resolving again
+    first_attempt = Job(hyperparameters=requested, training_config=None)
+    assert resolution_input(first_attempt) == requested
 
 
 def test_resolved_values_from_an_older_afina_still_resolve() -> None:
-    stored = {"n_epochs": "auto", "resolved": {
+    # what 0004 moved out of hyperparameters["resolved"] of a job made by an older afina
+    job = Job(hyperparameters={"n_epochs": "auto"}, training_config={
         "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "learning_rate": 2e-4, "lora_r": 16,
         "lora_alpha": 32, "lora_dropout": 0.05, "max_seq_len": 1024, "save_steps": 15, "logging_steps": 1,
-        "max_steps": None, "gradient_accumulation_steps": 1, "warmup_ratio": 0.03}}
-    config = resolve_hyperparameters(requested_hyperparameters(stored), n_train=80)
+        "max_steps": None, "gradient_accumulation_steps": 1, "warmup_ratio": 0.03})
+    config = resolve_hyperparameters(resolution_input(job), n_train=80)
     assert (config.n_epochs, config.batch_size, config.save_steps) == (3, 4, 15)
 
 
@@ -165,7 +168,7 @@ def test_a_job_file_reads_into_the_schema() -> None:
     job = parse_job_file(JOB_YAML, "job.yaml")
     assert (job.model, job.training_file, job.validation_file, job.suffix) == \
         ("llama-3.2-1b-instruct", "data/treino.jsonl", None, "suporte")
-    assert job.hyperparameters.requested() == {"n_epochs": 3, "learning_rate_multiplier": 0.1, "lora_r": 16,
+    assert job.training_spec().requested() == {"n_epochs": 3, "learning_rate_multiplier": 0.1, "lora_r": 16,
                                                "early_stopping": {"patience": 2}}
 
 

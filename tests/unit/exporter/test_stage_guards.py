@@ -61,7 +61,54 @@ def test_enough_disk_passes_preflight_and_a_missing_adapter_is_named(tmp_path: P
     runtime = make_runtime(tmp_path)
     job = export_job_row(runtime)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(10**12, 0, 2 * 10**9))
-    missing = rf"no trained adapter at jobs/acme/{job.id}/adapter/adapter_model.safetensors"
+    missing = rf"no committed adapter for job {job.id} \(no afina_adapter.json under jobs/acme/{job.id}/adapter\)"
     with pytest.raises(ExportFailed, match=missing):
         export_job(context_for(runtime, job, "export"))
     assert not (runtime.settings.resolved_work_dir / job.id).exists()
+
+
+def _committed_adapter(runtime: Runtime, job_id: str, tmp_path: Path) -> str:
+    """A small adapter folder committed as the trainer commits one (marker last)."""
+    import orjson
+
+    from afina.core.artifacts.adapter import commit_adapter
+    from afina.core.catalog import CATALOG
+    from afina.core.datasets.layout import adapter_prefix
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes(orjson.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                               "target_modules": ["v_proj", "q_proj"]}))
+    (folder / "adapter_model.safetensors").write_bytes(b"not really weights")
+    prefix = adapter_prefix("acme", job_id)
+    commit_adapter(runtime.store, prefix, folder, job_id=job_id, base=CATALOG["smollm2-135m-instruct"],
+                   global_step=1, trained_tokens=1)
+    return prefix
+
+
+def test_an_adapter_changed_after_its_commit_is_not_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from afina.exporter.pipeline import download_adapter
+
+    runtime = make_runtime(tmp_path)
+    job = export_job_row(runtime)
+    prefix = _committed_adapter(runtime, job.id, tmp_path)
+    download_adapter(runtime.store, "acme", job.id, tmp_path / "fetched")  # intact: fetched
+    runtime.store.put_bytes(f"{prefix}/adapter_model.safetensors", b"not really weightz")  # same size
+    with pytest.raises(ExportFailed, match="adapter_model.safetensors of job .* changed after the trainer"):
+        download_adapter(runtime.store, "acme", job.id, tmp_path / "again")
+
+
+def test_a_dora_adapter_is_refused_with_a_reason(tmp_path: Path) -> None:
+    import orjson
+
+    from afina.core.artifacts import AdapterManifest
+    from afina.exporter.pipeline import download_adapter
+
+    runtime = make_runtime(tmp_path)
+    job = export_job_row(runtime)
+    prefix = _committed_adapter(runtime, job.id, tmp_path)
+    marker = orjson.loads(runtime.store.get_bytes(f"{prefix}/afina_adapter.json"))
+    marker["lora"]["use_dora"] = True
+    AdapterManifest.model_validate(marker).write(runtime.store, f"{prefix}/afina_adapter.json")
+    with pytest.raises(ExportFailed, match="DoRA"):
+        download_adapter(runtime.store, "acme", job.id, tmp_path / "fetched")

@@ -21,5 +21,5 @@ def test_task_is_registered_and_runs_the_export_stage(tmp_path: Path) -> None:
     assert app.tasks[TASK_EXPORT].apply(args=[job.id]).get() == "failed"
     with runtime.db.session() as session:
         row = repo.get_job(session, None, job.id)
-    assert row.status == "failed" and "no trained adapter" in row.error["message"]
+    assert row.status == "failed" and "no committed adapter" in row.error["message"]
     assert app.tasks[TASK_EXPORT].apply(args=[job.id]).get() == "skipped"  # terminal jobs are left alone

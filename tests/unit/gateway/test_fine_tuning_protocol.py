@@ -1,4 +1,5 @@
-"""Job request validation and the job object, without HTTP."""
+"""Job request validation (``FineTuningRequest``, shared with the YAML file and the CLI) and the job object,
+without HTTP."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ from pydantic import ValidationError
 
 from afina.core.db.models import Job
 from afina.core.errors import InvalidRequest
+from afina.core.training.lifecycle import display_hyperparameters
 from afina.gateway.fine_tuning.protocol import CreateJobRequest
-from afina.gateway.fine_tuning.service import display_hyperparameters, job_object, merge_hyperparameters
+from afina.gateway.fine_tuning.service import job_object
 
 
 def request(**changes: Any) -> CreateJobRequest:
     return CreateJobRequest(**{"model": "smollm2-135m-instruct", "training_file": "file-1", **changes})
+
+
+def merge_hyperparameters(body: CreateJobRequest) -> dict[str, Any]:
+    """What the job stores as asked for: the one merge rule's result."""
+    return body.training_spec().requested()
 
 
 @pytest.mark.parametrize("values", [{"n_epochs": "auto"}, {"n_epochs": 3}, {"n_epochs": 3.0}, {"batch_size": 256},
@@ -22,7 +29,7 @@ def request(**changes: Any) -> CreateJobRequest:
                                     {"lora_r": 8, "quantization": "4bit", "early_stopping": {"patience": 2}}])
 def test_hyperparameters_accept_auto_numbers_and_extras(values: dict[str, Any]) -> None:
     merged = merge_hyperparameters(request(hyperparameters=values))
-    assert set(merged) >= {"n_epochs", "batch_size", "learning_rate_multiplier", *values}
+    assert set(merged) == set(values)  # only what the user set is stored; the job object shows "auto" for the rest
 
 
 @pytest.mark.parametrize(("values", "field"), [
@@ -73,13 +80,20 @@ def test_metadata_limits() -> None:
             request(metadata=metadata)
 
 
-def test_merge_fills_auto_and_method_wins() -> None:
-    assert merge_hyperparameters(request()) == {"n_epochs": "auto", "batch_size": "auto",
-                                                "learning_rate_multiplier": "auto"}
-    merged = merge_hyperparameters(request(hyperparameters={"n_epochs": 4, "batch_size": 8},
-                                           method={"type": "supervised",
-                                                   "supervised": {"hyperparameters": {"n_epochs": 2}}}))
-    assert merged == {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": "auto"}
+def test_both_places_are_read_and_the_method_form_wins() -> None:
+    assert merge_hyperparameters(request()) == {}
+    both = request(hyperparameters={"n_epochs": 4, "batch_size": 8},
+                   method={"type": "supervised", "supervised": {"hyperparameters": {"lora_r": 4, "n_epochs": 2}}})
+    assert merge_hyperparameters(both) == {"n_epochs": 2, "batch_size": 8, "lora_r": 4}
+
+
+def test_top_level_seed_and_hyperparameters_seed_must_agree() -> None:
+    body = request(seed=5, hyperparameters={"seed": 6})
+    with pytest.raises(InvalidRequest) as caught:
+        body.job_seed(body.training_spec())
+    assert caught.value.param == "hyperparameters.seed"
+    body = request(hyperparameters={"seed": 6})
+    assert body.job_seed(body.training_spec()) == 6
 
 
 @pytest.mark.parametrize("method_type", ["dpo", "reinforcement", "unsupervised"])
@@ -93,8 +107,8 @@ def _job(**changes: Any) -> Job:
     values: dict[str, Any] = {
         "id": "ftjob-1", "tenant_id": "acme", "model": "smollm2-135m-instruct", "training_file": "file-1",
         "validation_file": None, "suffix": None, "seed": 42, "status": "running", "stage": "train",
-        "hyperparameters": {"n_epochs": "auto", "batch_size": 4, "learning_rate_multiplier": "auto"},
-        "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}, "user_metadata": None,
+        "hyperparameters": {"batch_size": 4}, "training_config": None,
+        "method": {"type": "supervised"}, "user_metadata": None,
         "error": None, "fine_tuned_model": None, "trained_tokens": None, "result_files": [], "created_at": 100,
         "finished_at": None, "estimated_finish": None}
     values.update(changes)
@@ -102,8 +116,9 @@ def _job(**changes: Any) -> Job:
 
 
 def test_resolved_hyperparameters_replace_auto() -> None:
-    job = _job(hyperparameters={"n_epochs": "auto", "batch_size": 4, "learning_rate_multiplier": "auto",
-                                "resolved": {"n_epochs": 3, "learning_rate_multiplier": 1.8}})
+    assert display_hyperparameters(_job()) == {"n_epochs": "auto", "batch_size": 4,
+                                               "learning_rate_multiplier": "auto"}
+    job = _job(training_config={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.8})
     assert display_hyperparameters(job) == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.8}
     shown = job_object(job)
     assert shown.method["supervised"]["hyperparameters"] == shown.hyperparameters

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from afina.core.datasets.formats import MAX_LINE_BYTES, SNIFF_BYTES
 from afina.core.datasets.options import IngestOptions
-from afina.core.datasets.sniff import HEAD_BYTES, UploadSniffer, check_archive
+from afina.core.datasets.sniff import UploadSniffer, check_archive
 from afina.core.errors import InvalidRequest
 
 
@@ -35,7 +36,8 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
     (b'\xef\xbb\xbf{"a": 1}\r\n{"b": 2}\r\n', "bom.jsonl", "jsonl"),
     ('{"texto": "ação"}\n'.encode("latin-1"), "latin1.jsonl", "jsonl"),
     (b'[{"instruction": "a", "output": "b"}]', "data.json", "json"),
-    (b'{"data": [1, 2]}', "data.json", "json"),
+    (b'{"data": [1, 2]}', "data.json", "jsonl"),  # one whole object on the first line: JSON Lines, as ingest reads it
+    (b'{\n  "data": [1, 2]\n}\n', "data.json", "json"),
     (b'title,content\n"Caneca","Linha 1\nLinha 2"\n', "produtos.csv", "csv"),
     ("VOCÊ: oi\nAEON: olá\n".encode(), "chat.txt", "txt"),
     (b'{"a": 1}\n', "no-extension", "jsonl"),
@@ -57,7 +59,7 @@ def test_a_zip_is_recognized_by_its_magic_whatever_its_name() -> None:
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "photo.jsonl", "not text"),
     (b"[1, 2, 3]\n", "numbers.json", "array of numbers"),
     (b"[]", "nothing.json", "empty JSON array"),
-    (b"[1, 2, 3]\n", "numbers.jsonl", "JSON list"),
+    (b"[1, 2, 3]\n", "numbers.jsonl", "array of numbers"),  # "[" opens a JSON array whatever the name
     (b'{"messages": [{"role": "user", "content": "cut\n{"a": 1}\n', "cut.jsonl", "line 1 is not valid JSON"),
     (b"title,content\n", "header-only.csv", "header row and at least one data row"),
     (b"just some words\n", "notes.dat", "cannot be told"),
@@ -75,10 +77,23 @@ def test_only_the_first_line_decides_later_broken_lines_are_row_errors() -> None
 
 
 def test_a_first_line_longer_than_the_head_is_judged_by_how_it_starts() -> None:
-    line = b'{"messages": [{"role": "user", "content": "' + b"x" * (HEAD_BYTES * 2) + b'"}]}\n'
-    assert sniff(line, chunk=HEAD_BYTES // 3) == "jsonl"
+    line = b'{"messages": [{"role": "user", "content": "' + b"x" * (SNIFF_BYTES * 2) + b'"}]}\n'
+    assert sniff(line, chunk=SNIFF_BYTES // 3) == "jsonl"
     with pytest.raises(InvalidRequest):
-        sniff(b"x" * (HEAD_BYTES * 2), "long.jsonl", chunk=HEAD_BYTES // 3)
+        sniff(b"x" * (SNIFF_BYTES * 2), "long.jsonl", chunk=SNIFF_BYTES // 3)
+
+
+@pytest.mark.parametrize("chunk", [MAX_LINE_BYTES * 3, 1024 * 1024])
+def test_in_strict_mode_a_line_past_the_limit_is_refused_wherever_it_lies(chunk: int) -> None:
+    """Also a whole long line inside one large chunk; lenient mode leaves it to ingest, which reports the row."""
+    short = b'{"text": "curta"}\n'
+    data = short * 3 + b'{"text": "' + b"x" * MAX_LINE_BYTES + b'"}\n' + short
+    assert sniff(data, chunk=chunk) == "jsonl"
+    with pytest.raises(InvalidRequest) as caught:
+        sniff(data, chunk=chunk, options=IngestOptions(mode="strict"))
+    assert "line 4 is longer than the 16 MiB per-line limit" in caught.value.message
+    assert sniff(short * 3 + b'{"text": "' + b"x" * (MAX_LINE_BYTES - 12) + b'"}\n' + short, chunk=chunk,
+                 options=IngestOptions(mode="strict")) == "jsonl"
 
 
 def test_an_explicit_container_must_match_the_bytes() -> None:

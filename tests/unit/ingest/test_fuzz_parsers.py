@@ -41,8 +41,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from afina.core.datasets.formats import CONTAINERS_BY_NAME, decode_text, looks_binary
 from afina.core.datasets.options import ColumnMapping, IngestOptions, PairedOptions, TranscriptOptions
-from afina.core.datasets.sniff import UploadSniffer, check_archive, decode_text, looks_binary
+from afina.core.datasets.sniff import UploadSniffer, check_archive
 from afina.core.errors import AfinaError
 from afina.gateway.files.service import parse_ingest_options
 from afina.ingest.formats import to_examples
@@ -377,7 +378,8 @@ def test_format_detection(sample: list[Any], transcript: bool) -> None:
 
 @fuzz(300)
 @given(data=st.binary(max_size=2000) | text_lines.map(lambda lines: "\n".join(lines).encode()),
-       name=st.sampled_from(FILE_NAMES + ("x.gz", "x.tgz", "x.pq", "noext")), chunk=st.integers(1, 700),
+       name=st.sampled_from(FILE_NAMES + ("x.gz", "x.tgz", "x.pq", "x.bz2", "x.tar.xz", "x.enc", "noext")),
+       chunk=st.integers(1, 700),
        container=st.sampled_from(CONTAINERS), fmt=st.sampled_from(FORMATS))
 def test_upload_sniffer(data: bytes, name: str, chunk: int, container: str, fmt: str) -> None:
     decode_text(data)
@@ -390,7 +392,7 @@ def test_upload_sniffer(data: bytes, name: str, chunk: int, container: str, fmt:
     except AfinaError as exc:
         assert exc.http_status == 400 and exc.param == "file"
         return
-    assert sniffer.container in ("jsonl", "json", "csv", "txt", "parquet", "zip", "tar")
+    assert sniffer.container in CONTAINERS_BY_NAME
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # generated members may share a name

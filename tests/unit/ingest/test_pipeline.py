@@ -17,7 +17,7 @@ from afina.core.datasets.options import IngestOptions
 from afina.core.errors import InvalidRequest
 from afina.core.store.local import LocalStore
 from afina.ingest import pipeline
-from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestSource, ingest_file, version_key
+from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, IngestSource, ingest_file, version_key
 from afina.ingest.tokens import IngestTokenizer, load_tokenizer
 from afina.trainer.data import load_prepared_dataset
 from tests.support.models import SMOLLM2, shared_model_cache
@@ -29,6 +29,11 @@ PERGUNTAS = ["como faço para trocar a senha do roteador?", "qual o horário de 
              "a caneca vai no micro-ondas?", "tem tamanho GG?", "como falo com um atendente?",
              "vocês têm loja física?", "o frete é grátis acima de quanto?", "posso retirar na loja?",
              "a bateria dura quanto tempo?", "como rastreio a encomenda?"]
+
+
+def manifest_of(result: IngestResult) -> dict:
+    """The committed manifest as the JSON it is stored as."""
+    return result.manifest.model_dump()
 
 
 def chat(i: int, question: str | None = None, answer: str | None = None) -> dict[str, Any]:
@@ -86,7 +91,7 @@ def split_records(store: LocalStore, info: dict[str, Any]) -> list[dict[str, Any
 def test_a_clean_file_becomes_a_committed_version(ingest: Ingest, store: LocalStore) -> None:
     options = IngestOptions(split={"proportions": {"treino": 0.7, "validacao": 0.2, "teste": 0.1}})
     result = ingest(jsonl([chat(i) for i in range(60)]), options)
-    manifest = result.manifest
+    manifest = result.manifest.model_dump()
     assert not result.reused and result.version_key.startswith("datasets/acme/v-")
     assert manifest["counts"]["examples"] == 60 and manifest["counts"]["rows"] == 60
     assert {name: info["examples"] for name, info in manifest["splits"].items()} == \
@@ -117,7 +122,7 @@ def test_the_same_input_and_options_reuse_the_version(ingest: Ingest) -> None:
     assert again.reused and again.version_key == first.version_key
     other = ingest(content, IngestOptions(system_prompt="Você é o assistente da loja."))
     assert not other.reused and other.version_key != first.version_key
-    records = [record for info in other.manifest["splits"].values() for record in
+    records = [record for info in manifest_of(other)["splits"].values() for record in
                [json.loads(line) for line in ingest.store.get_bytes(info["key"]).splitlines()]]
     assert all(record["messages"][0] == {"role": "system", "content": "Você é o assistente da loja."}
                for record in records)
@@ -128,7 +133,7 @@ def test_appended_rows_never_move_an_old_row_to_another_split(ingest: Ingest, st
     grown = ingest(jsonl([chat(i) for i in range(80)]))
 
     def where(result: pipeline.IngestResult) -> dict[str, str]:
-        return {json.dumps(record, sort_keys=True): name for name, info in result.manifest["splits"].items()
+        return {json.dumps(record, sort_keys=True): name for name, info in manifest_of(result)["splits"].items()
                 for record in split_records(store, info)}
 
     before, after = where(first), where(grown)
@@ -143,7 +148,7 @@ def test_an_unfinished_attempt_is_started_over(ingest: Ingest, store: LocalStore
     assert not result.reused and result.version_key == key
     assert store.exists(f"{key}/manifest.json")
     assert all(info["key"] != f"{key}/splits/train-0000000000000000.jsonl"
-               for info in result.manifest["splits"].values())
+               for info in manifest_of(result)["splits"].values())
 
 
 BAD_ROWS = [
@@ -166,7 +171,7 @@ def file_with_bad_rows(total: int = 30) -> bytes:
 
 def test_lenient_mode_drops_bad_rows_and_reports_each(ingest: Ingest, store: LocalStore) -> None:
     result = ingest(file_with_bad_rows())
-    assert result.manifest["counts"]["examples"] == 30 - len(BAD_ROWS)
+    assert manifest_of(result)["counts"]["examples"] == 30 - len(BAD_ROWS)
     lines = report_lines(store, result.version_key)
     for line_number, _, field, rule in BAD_ROWS:
         match = [entry for entry in lines if entry["line"] == line_number and entry["rule"] == rule]
@@ -217,19 +222,19 @@ def test_repairs_and_duplicates_are_reported_per_row(ingest: Ingest, store: Loca
     assert by_rule[(21, "duplicate_normalized")]["action"] == "dropped"
     assert "line 3" in by_rule[(21, "duplicate_normalized")]["detail"]
     assert by_rule[(22, "duplicate_normalized")]["action"] == "dropped"
-    texts = [record["messages"][0]["content"] for info in result.manifest["splits"].values()
+    texts = [record["messages"][0]["content"] for info in manifest_of(result)["splits"].values()
              for record in split_records(store, info)]
     assert "VOCÊ pode ligar a luz da sala?" in texts and "espaço antes e depois" in texts
-    assert result.manifest["counts"]["duplicates"] == 2
+    assert manifest_of(result)["counts"]["duplicates"] == 2
 
 
 def test_length_policies(ingest: Ingest, store: LocalStore) -> None:
     records = [chat(i) for i in range(20)]
     records[10] = chat(10, answer="palavra " * 400)  # ~800 tokens
     dropped = ingest(jsonl(records), IngestOptions(max_seq_len=256))
-    assert dropped.manifest["counts"]["too_long"] == 1 and dropped.manifest["counts"]["examples"] == 19
+    assert manifest_of(dropped)["counts"]["too_long"] == 1 and manifest_of(dropped)["counts"]["examples"] == 19
     truncated = ingest(jsonl(records), IngestOptions(max_seq_len=256, length_policy="truncate"))
-    assert truncated.manifest["counts"]["truncated"] == 1 and truncated.manifest["counts"]["examples"] == 20
+    assert manifest_of(truncated)["counts"]["truncated"] == 1 and manifest_of(truncated)["counts"]["examples"] == 20
     with pytest.raises(IngestFailed) as caught:  # "fail" fails the file even in lenient mode
         ingest(jsonl(records), IngestOptions(max_seq_len=256, length_policy="fail"))
     assert caught.value.rule == "too_long" and caught.value.line == 11
@@ -247,7 +252,7 @@ def test_encryption_at_rest(ingest: Ingest, store: LocalStore) -> None:
     key = SecretStr(Fernet.generate_key().decode())
     options = IngestOptions(encrypt_at_rest=True)
     result = ingest(jsonl([chat(i) for i in range(20)]), options, data_key=key)
-    for info in result.manifest["splits"].values():
+    for info in manifest_of(result)["splits"].values():
         assert info["encryption"] == "fernet-blocks-v1"
         assert b"cliente" not in store.get_bytes(info["key"])
     prepared = load_prepared_dataset(store, result.version_key, key)
@@ -272,7 +277,7 @@ def test_a_big_file_samples_token_statistics_but_judges_every_row(ingest: Ingest
     records = [chat(i) for i in range(40)]
     records[17] = chat(17, answer="palavra " * 400)
     result = ingest(jsonl(records), IngestOptions(max_seq_len=256))
-    assert result.manifest["counts"]["too_long"] == 1  # the long row was tokenized and dropped
+    assert manifest_of(result)["counts"]["too_long"] == 1  # the long row was tokenized and dropped
     stats = orjson.loads(store.get_bytes(f"{result.version_key}/stats.json"))
     assert stats["tokens"]["uncounted"] > 0 and stats["tokens"]["count"] < 39
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from afina.ingest.records import Example
-from afina.ingest.validate import check_example, check_min_examples
+from afina.ingest.validate import check_example
 
 
 def chat(*messages: dict[str, Any], split: str | None = None) -> Example:
@@ -84,9 +84,3 @@ def test_every_problem_of_a_row_is_reported_not_only_the_first() -> None:
     rules = [rule for rule, _ in found(chat({"role": "humano", "content": ""}, user(), user()))]
     assert {"unrecognized_role", "missing_content", "consecutive_same_role",
             "example_missing_assistant_message"} <= set(rules)
-
-
-def test_minimum_examples() -> None:
-    assert check_min_examples(10, 10) is None
-    problem = check_min_examples(3, 10)
-    assert problem is not None and "3 usable" in problem and "at least 10" in problem

@@ -1,6 +1,7 @@
-"""``JobProgressCallback`` driven by real trainers on CPU: TRL's ``SFTTrainer`` (as both backends train) and a
-plain ``transformers.Trainer`` (a backend whose logs carry no token accuracy), a tiny random Llama over the real
-SmolLM2 tokenizer, the embedded runtime (SQLite + local store) and the real Prometheus registry."""
+"""The run's observers (``observe_run``) and their forwarding callback, driven by real trainers on CPU: TRL's
+``SFTTrainer`` (as both backends train) and a plain ``transformers.Trainer`` (a backend whose logs carry no
+token accuracy), a tiny random Llama over the real SmolLM2 tokenizer, the embedded runtime (SQLite + local store)
+and the real Prometheus registry."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from afina.core.db import repository as repo
 from afina.core.runtime import Runtime
 from afina.core.settings import Settings
 from afina.trainer.accuracy import TokenAccuracyMeter
-from afina.trainer.callbacks import JobProgressCallback
+from afina.trainer.callbacks import observe_run
 from afina.trainer.metrics_files import HARDWARE_METRICS_FILE, TRAINING_METRICS_FILE
 from tests.support.jobs import context_for, create_job
 
@@ -110,10 +111,10 @@ def wait_for(check: Any, timeout: float = 10.0) -> None:
 def test_a_sft_run_reports_events_files_metrics_and_checkpoints(tokenizer: Any, rows: Any, tmp_path: Path) -> None:
     runtime, context = make_job(tmp_path)
     published = Published()
-    callback = JobProgressCallback(context, published, metrics_dir=tmp_path / "work" / "metrics",
-                                   hardware_every_steps=4, hardware_interval_s=0.2, upload_every_s=0.0)
+    observers = observe_run(context, published, metrics_dir=tmp_path / "work" / "metrics",
+                            hardware_every_steps=4, hardware_interval_s=0.2, upload_every_s=0.0)
     steps_before = sample("afina_train_step_seconds_count")
-    trainer = sft_trainer(tokenizer, rows, tmp_path / "work" / "output", callback)
+    trainer = sft_trainer(tokenizer, rows, tmp_path / "work" / "output", observers.callback())
     trainer.train()
 
     # one OpenAI metrics event per logged step, validation folded into the evaluated steps
@@ -131,10 +132,10 @@ def test_a_sft_run_reports_events_files_metrics_and_checkpoints(tokenizer: Any, 
     assert [step for step, data in events.items() if data["full_valid_loss"] is not None] == [4, 8]
     assert events[4]["valid_loss"] == events[4]["full_valid_loss"] > 0
     assert 0 <= events[8]["valid_mean_token_accuracy"] <= 1
-    assert not callback.accuracy.attached  # TRL reports the accuracy: the meter stepped aside
+    assert not observers.reporter.accuracy.attached  # TRL reports the accuracy: the meter stepped aside
 
     # training_metrics.jsonl: every logged step and evaluation, with the moving average and progress
-    callback.close()
+    observers.close()
     training = [orjson.loads(line) for line in (tmp_path / "work" / "metrics" / TRAINING_METRICS_FILE).read_bytes()
                 .splitlines()]
     train = [r for r in training if r["type"] == "train"]
@@ -156,7 +157,7 @@ def test_a_sft_run_reports_events_files_metrics_and_checkpoints(tokenizer: Any, 
     for record in hardware:
         assert record["process_rss_gb"] > 0.05 and record["ram_total_gb"] >= record["ram_used_gb"] > 0
         assert record["disk_free_gb"] > 0 and 0 <= record["cpu_percent"] <= 100 * 64
-    assert not callback.monitor.running
+    assert not observers.sampler.running
 
     # both files are in the store, identical to the local ones
     prefix = f"{job_prefix(context.tenant_id, context.job_id)}/report"
@@ -185,26 +186,28 @@ def test_files_reach_the_store_while_training_runs(tokenizer: Any, rows: Any, tm
             seen_at_checkpoint[step] = [orjson.loads(line)["step"] for line in runtime.store.get_bytes(key).splitlines()
                                         if orjson.loads(line)["type"] == "train"]
 
-    callback = JobProgressCallback(context, publish, metrics_dir=tmp_path / "metrics", hardware_interval_s=60,
-                                   upload_every_s=3600)
-    sft_trainer(tokenizer, rows, tmp_path / "output", callback, max_steps=6, eval_steps=None, save_steps=3).train()
+    observers = observe_run(context, publish, metrics_dir=tmp_path / "metrics", hardware_interval_s=60,
+                            upload_every_s=3600)
+    sft_trainer(tokenizer, rows, tmp_path / "output", observers.callback(), max_steps=6, eval_steps=None,
+                save_steps=3).train()
     assert seen_at_checkpoint == {6: [1, 2, 3]}  # step 3's upload happened right after its checkpoint
-    callback.close()
+    observers.close()
 
 
 def test_a_resumed_run_continues_the_files_of_the_earlier_attempt(tokenizer: Any, rows: Any, tmp_path: Path) -> None:
     runtime, context = make_job(tmp_path)
-    first = JobProgressCallback(context, Published(), metrics_dir=tmp_path / "a1" / "metrics",
-                                hardware_interval_s=60, upload_every_s=3600)
-    sft_trainer(tokenizer, rows, tmp_path / "a1" / "output", first, max_steps=8, save_steps=4).train()
+    first = observe_run(context, Published(), metrics_dir=tmp_path / "a1" / "metrics", hardware_interval_s=60,
+                        upload_every_s=3600)
+    sft_trainer(tokenizer, rows, tmp_path / "a1" / "output", first.callback(), max_steps=8, save_steps=4).train()
     first.close()  # the store now has steps 1..8 of attempt 1; the worker "dies", checkpoint-4 survives
 
-    second = JobProgressCallback(context, Published(), metrics_dir=tmp_path / "a2" / "metrics",
-                                 hardware_interval_s=60, upload_every_s=3600)
-    trainer = sft_trainer(tokenizer, rows, tmp_path / "a2" / "output", second, max_steps=8, save_steps=4)
+    # another worker: new observers on a new folder, continuing from the store's copy
+    second = observe_run(context, Published(), metrics_dir=tmp_path / "a2" / "metrics", hardware_interval_s=60,
+                         upload_every_s=3600)
+    trainer = sft_trainer(tokenizer, rows, tmp_path / "a2" / "output", second.callback(), max_steps=8, save_steps=4)
     trainer.train(resume_from_checkpoint=str(tmp_path / "a1" / "output" / "checkpoint-4"))
     second.close()
-    assert second.resumed_from_step == 4 and second.attempt == 2
+    assert second.reporter.resumed_from_step == 4 and second.reporter.attempt == 2
 
     training = second.files.records(TRAINING_METRICS_FILE)
     train = [(r["step"], r["attempt"]) for r in training if r["type"] == "train"]
@@ -234,17 +237,17 @@ def plain_trainer(tokenizer: Any, rows: list[dict[str, list[int]]], output_dir: 
 
 def test_a_backend_without_token_accuracy_gets_it_measured(tokenizer: Any, rows: Any, tmp_path: Path) -> None:
     runtime, context = make_job(tmp_path)
-    callback = JobProgressCallback(context, Published(), metrics_dir=tmp_path / "metrics", hardware_interval_s=60)
-    trainer = plain_trainer(tokenizer, rows, tmp_path / "output", callback)
+    observers = observe_run(context, Published(), metrics_dir=tmp_path / "metrics", hardware_interval_s=60)
+    trainer = plain_trainer(tokenizer, rows, tmp_path / "output", observers.callback())
     trainer.train()
-    callback.close()
+    observers.close()
     assert not any("mean_token_accuracy" in entry for entry in trainer.state.log_history)  # the backend's logs
     events = metrics_events(runtime, context.job_id)
     assert sorted(events) == [1, 2, 3, 4]
     for data in events.values():
         assert 0 <= data["train_mean_token_accuracy"] <= 1
     assert 0 <= events[4]["valid_mean_token_accuracy"] <= 1 and events[4]["full_valid_loss"] > 0
-    assert not callback.accuracy.attached  # hooks removed when training ended
+    assert not observers.reporter.accuracy.attached  # hooks removed when training ended
 
 
 def test_the_meter_matches_a_direct_computation(tokenizer: Any, rows: Any) -> None:
@@ -289,29 +292,32 @@ class OutOfMemoryAt:
         self.callback = Callback()
 
 
-def test_a_retry_in_the_same_worker_replaces_the_callback_and_continues_its_files(
+def test_a_retry_in_the_same_worker_keeps_the_observers_and_continues_its_files(
         tokenizer: Any, rows: Any, tmp_path: Path) -> None:
     runtime, context = make_job(tmp_path)
-    metrics_dir = tmp_path / "work" / "metrics"
-    first = JobProgressCallback(context, Published(), metrics_dir=metrics_dir, hardware_interval_s=0.05,
-                                upload_every_s=3600)
-    failing = sft_trainer(tokenizer, rows, tmp_path / "work" / "output", first, max_steps=6, eval_steps=None,
-                          save_steps=2)
+    observers = observe_run(context, Published(), metrics_dir=tmp_path / "work" / "metrics", hardware_interval_s=0.05,
+                            upload_every_s=3600)
+    failing = sft_trainer(tokenizer, rows, tmp_path / "work" / "output", observers.callback(), max_steps=6,
+                          eval_steps=None, save_steps=2)
     failing.add_callback(OutOfMemoryAt(3).callback)
     with pytest.raises(RuntimeError, match="out of memory"):
         failing.train()
-    assert first.monitor.running  # nothing told it the run died
+    assert observers.sampler.running  # nothing told it the run died
 
-    # the recipe's retry builds a new trainer and callback on the same folder, resuming from checkpoint-2
-    second = JobProgressCallback(context, Published(), metrics_dir=metrics_dir, hardware_interval_s=60,
-                                 upload_every_s=3600)
-    assert not first.monitor.running  # replaced: one sampler per run, never two writing the same files
-    sft_trainer(tokenizer, rows, tmp_path / "work" / "output", second, max_steps=6, eval_steps=None,
+    # the recipe's retry builds a new trainer, with a new callback over the same observers, resuming from checkpoint-2
+    sft_trainer(tokenizer, rows, tmp_path / "work" / "output", observers.callback(), max_steps=6, eval_steps=None,
                 save_steps=2).train(resume_from_checkpoint=str(tmp_path / "work" / "output" / "checkpoint-2"))
-    second.close()
-    assert second.attempt == 2
-    train = [(r["step"], r["attempt"]) for r in second.files.records(TRAINING_METRICS_FILE) if r["type"] == "train"]
+    assert observers.sampler.running  # one sampler for the run, never two writing the same files
+    observers.close()
+    assert not observers.sampler.running
+    assert observers.reporter.attempt == 2 and observers.reporter.resumed_from_step == 2
+    train = [(r["step"], r["attempt"]) for r in observers.files.records(TRAINING_METRICS_FILE) if r["type"] == "train"]
     assert train == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 2)]
-    hardware = second.files.records(HARDWARE_METRICS_FILE)
+    hardware = observers.files.records(HARDWARE_METRICS_FILE)
     assert {r["attempt"] for r in hardware} == {1, 2}
-    assert [r["source"] for r in hardware if r["attempt"] == 1][-1] == "close"  # the replaced one signed off
+    assert [r["source"] for r in hardware if r["attempt"] == 2][0] == "train_begin"
+    assert hardware[-1]["source"] == "close" and hardware[-1]["attempt"] == 2
+    # one metrics event a logged step: 1-2 from attempt 1 (it died before logging step 3), 3-6 from attempt 2
+    with runtime.db.session() as session:
+        events, _ = repo.list_events(session, context.job_id, None, 10_000)
+    assert sorted(event.data["step"] for event in events if event.type == "metrics") == [1, 2, 3, 4, 5, 6]

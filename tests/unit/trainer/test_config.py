@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from afina.core.db.models import Job
 from afina.core.errors import InvalidRequest
 from afina.core.training import (
     BASE_LEARNING_RATE,
     auto_batch_size,
     auto_epochs,
     auto_save_steps,
-    requested_hyperparameters,
     resolve_hyperparameters,
     steps_per_epoch,
-    with_resolved,
 )
+from afina.core.training.lifecycle import requested_spec, resolution_input, stored_training_config
 
 AUTO = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
 
@@ -99,20 +99,22 @@ def test_max_seq_len_is_bounded_by_the_context_length() -> None:
         resolve_hyperparameters({"max_seq_len": 9000}, n_train=20, context_length=8192)
 
 
-def test_method_hyperparameters_are_read_under_the_job_ones() -> None:
-    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 2}}}
-    assert requested_hyperparameters({"batch_size": 8}, method) == {"n_epochs": 4, "batch_size": 8}
+def test_a_first_attempt_resolves_what_the_job_asked_for() -> None:
+    job = Job(hyperparameters={"n_epochs": 4, "batch_size": 2}, method={"type": "supervised"}, training_config=None)
+    assert resolution_input(job) == {"n_epochs": 4, "batch_size": 2}
+    assert requested_spec(job).n_epochs == 4 and requested_spec(job).lora_r == 16  # the spec's defaults filled in
 
 
-def test_resolved_values_are_stored_beside_the_request_and_resolve_to_the_same_config() -> None:
+def test_a_later_attempt_resolves_the_stored_config_to_the_same_numbers() -> None:
     requested = {**AUTO, "lora_r": 8}
     config = resolve_hyperparameters(requested, n_train=80)
-    stored = with_resolved(requested, config)
-    assert stored["n_epochs"] == "auto"  # what the user asked for stays visible
-    assert stored["resolved"]["n_epochs"] == 3 and stored["resolved"]["learning_rate"] == BASE_LEARNING_RATE
-    # a resumed attempt resolves from the stored values: the same config, and the same numbers even
-    # if the autos would now pick others
-    assert resolve_hyperparameters(requested_hyperparameters(stored, None), n_train=80) == config
-    assert resolve_hyperparameters(requested_hyperparameters(stored, None), n_train=500).public() == \
-        config.public()
+    job = Job(hyperparameters=requested, training_config=stored_training_config(config))
+    assert job.hyperparameters["n_epochs"] == "auto"  # what the user asked for stays as asked
+    assert job.training_config["n_epochs"] == 3 and job.training_config["learning_rate"] == BASE_LEARNING_RATE
+    # the derived learning rate is output, never input
+    assert "learning_rate" not in resolution_input(job)
+    # a resumed attempt resolves from the stored config: the same config, and the same numbers even
+    # if the autos would now pick others (tokenization of a changed tokenizer, packing, ...)
+    assert resolve_hyperparameters(resolution_input(job), n_train=80) == config
+    assert resolve_hyperparameters(resolution_input(job), n_train=500).public() == config.public()
     assert resolve_hyperparameters(requested, n_train=500).public() != config.public()

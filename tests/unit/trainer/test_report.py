@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from afina.core.artifacts.dataset import DatasetManifest, SplitFile
 from afina.trainer.report import (
     CHART_LEARNING_RATE,
     CHART_LOSS,
@@ -34,8 +35,16 @@ DATASET = {"train": {"examples": 120, "kept": 118, "dropped": 2, "truncated": 3,
                      "trained_tokens": 20_480},
            "validation": {"examples": 12, "kept": 12, "dropped": 0, "truncated": 0, "tokens": 6_100,
                           "trained_tokens": 2_050}}
-MANIFEST = {"format": "openai-chat", "counts": {"input": 135, "duplicates_removed": 3, "train": 120, "validation": 12},
-            "stats": {"tokens": {"p50": 412, "p95": 980, "max": 1311}, "languages": {"pt": 0.92, "en": 0.08}}}
+SPLIT_SHA256 = "0" * 64
+# a dataset version as ingest commits it: the counts, and the summary's issues by rule and action
+MANIFEST = DatasetManifest.build(
+    format="openai-chat", created_at=1_790_000_000, version="v-0123456789abcdef",
+    counts={"rows": 135, "duplicates": 3, "too_long": 0, "examples": 132, "train": 120, "validation": 12},
+    splits={"train": SplitFile(key="datasets/acme/v-0123456789abcdef/splits/train.jsonl", bytes=90_000,
+                               sha256=SPLIT_SHA256, examples=120),
+            "validation": SplitFile(key="datasets/acme/v-0123456789abcdef/splits/validation.jsonl", bytes=9_000,
+                                    sha256=SPLIT_SHA256, examples=12)},
+    summary={"counts": {"rows": 135}, "issues": {"duplicate_exact": {"dropped": 3}, "fixed_whitespace": {"fixed": 7}}})
 H100 = {"host": "trainer-0", "cpu_cores_logical": 16, "ram_total_gb": 125.7, "torch": "2.11.0+cu130",
         "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.19}]}
 
@@ -133,8 +142,9 @@ def test_a_gpu_run_with_validation(tmp_path: Any) -> None:
                      "| batch_size | 4 |", "| learning_rate | 0.0004 |",
                      "| target_modules | q_proj, k_proj, v_proj, o_proj |",
                      "| packing | no |",
-                     "| train | 120 | 118 | 2 | 3 | 61,440 | 20,480 |", "| duplicates_removed | 3 |",
-                     "| tokens.p95 | 980 |", "| languages.pt | 0.9200 |", "Format detected by ingest: `openai-chat`.",
+                     "| train | 120 | 118 | 2 | 3 | 61,440 | 20,480 |", "| duplicates | 3 |",
+                     "| duplicate_exact.dropped | 3 |", "| fixed_whitespace.fixed | 7 |",
+                     "Format detected by ingest: `openai-chat`.",
                      "| GPU 0 | NVIDIA H100 80GB HBM3, 79.19 GiB |", "| GPU 0 allocated, peak (GiB) | 5.100 |",
                      "| GPU 0 utilization, mean (%) | 96.000 |",
                      "| free disk in the work directory, lowest (GiB) | 406.600 |",
@@ -180,7 +190,7 @@ def test_a_resumed_cpu_run_without_validation() -> None:
               resumed_from=12, hardware={"host": "laptop", "cpu_cores_logical": 2, "ram_total_gb": 7.7, "gpus": []},
               dataset={"train": DATASET["train"], "validation": {"examples": 0, "kept": 0, "dropped": 0,
                                                                  "truncated": 0, "tokens": 0, "trained_tokens": 0}},
-              manifest={}),
+              manifest=None),
         training_file(range(1, 21), lambda step: 1 if step <= 12 else 2, 20),
         hardware_file(30, gpu=False, attempt_of=lambda index: 1 if index < 14 else 2))
     markdown = files[REPORT_MARKDOWN].decode()
@@ -236,3 +246,17 @@ def test_non_finite_losses_are_not_reported_as_numbers(value: float, shown: str)
     assert records[1]["train_loss"] is None
     markdown = build_report(facts(log_history=history, global_step=4, max_steps=4), b"", b"")[REPORT_MARKDOWN]
     assert b"| 2 | 0.07 | \xe2\x80\x94 |" in markdown  # the step row shows a dash
+
+
+def test_a_job_combining_two_dataset_versions_names_them() -> None:
+    combined = DatasetManifest.build(
+        format="openai-chat", created_at=1_790_000_000, counts={"train": 120, "validation": 9, "test": 0},
+        versions={"training": "datasets/acme/v-aaaa", "validation": "datasets/acme/v-bbbb"},
+        splits={"train": MANIFEST.splits["train"], "validation": MANIFEST.splits["validation"]})
+    files = build_report(facts(manifest=combined), training_file(range(1, 61), lambda step: 1, 60),
+                         hardware_file(5, gpu=True))
+    markdown = files[REPORT_MARKDOWN].decode()
+    assert "| ingest counts | value |" in markdown and "| validation | 9 |" in markdown
+    assert "ingest issues" not in markdown  # a combination has no ingest summary of its own
+    assert ("Training examples from dataset version `datasets/acme/v-aaaa`, validation examples from "
+            "`datasets/acme/v-bbbb`.") in markdown

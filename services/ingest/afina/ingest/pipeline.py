@@ -43,11 +43,12 @@ from typing import IO, Any
 import orjson
 from pydantic import SecretStr
 
+from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, DatasetSource, SplitFile
 from afina.core.catalog import CATALOG, ChatFamily, resolve_base_model
 from afina.core.datasets.at_rest import SCHEME, check_key, encrypt_file
-from afina.core.datasets.layout import INGEST_ARTIFACTS, INGEST_MANIFEST, dataset_version_prefix
+from afina.core.datasets.layout import INGEST_ARTIFACTS, dataset_version_prefix
 from afina.core.datasets.options import SPLIT_NAMES, IngestOptions
-from afina.core.errors import DatasetInvalid, InvalidRequest, ObjectMissing
+from afina.core.errors import DatasetInvalid, InvalidRequest
 from afina.core.store import ArtifactStore
 from afina.core.store.base import sha256_file
 from afina.ingest import tokens
@@ -103,13 +104,13 @@ class IngestResult:
     """A committed version: its store prefix and manifest; ``reused`` when an earlier run had made it."""
 
     version_key: str
-    manifest: dict[str, Any]
+    manifest: DatasetManifest
     reused: bool = False
     processes: int = 0  # worker processes this run used (0: all in the calling process)
 
     @property
     def summary(self) -> dict[str, Any]:
-        return self.manifest.get("summary", {})
+        return self.manifest.summary or {}
 
 
 class IngestFailed(DatasetInvalid):
@@ -153,11 +154,9 @@ def version_key(source: IngestSource, options: IngestOptions, store: ArtifactSto
     return dataset_version_prefix(source.tenant_id, version_id(source.sha256, options, store))
 
 
-def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any] | None:
-    try:
-        return orjson.loads(store.get_bytes(f"{key}/{INGEST_MANIFEST}"))
-    except ObjectMissing:
-        return None
+def read_manifest(store: ArtifactStore, key: str) -> DatasetManifest | None:
+    """The committed manifest of the dataset at ``key``; None when nothing was committed there."""
+    return DatasetManifest.read(store, f"{key}/{DATASET_MANIFEST}")
 
 
 # the run -------------------------------------------------------------------------
@@ -417,9 +416,9 @@ def _write_preview_and_plot(store: ArtifactStore, key: str, run: _Run, tokenizer
 
 
 def _commit_splits(store: ArtifactStore, key: str, tmp: Path, run: _Run, source: IngestSource,
-                   options: IngestOptions, summary: dict[str, Any], data_key: SecretStr | None) -> dict[str, Any]:
+                   options: IngestOptions, summary: dict[str, Any], data_key: SecretStr | None) -> DatasetManifest:
     """Put every non-empty split (encrypted if asked), then the manifest naming them: the commit."""
-    splits: dict[str, Any] = {}
+    splits: dict[str, SplitFile] = {}
     for name in SPLIT_NAMES:
         if not run.split_counts[name]:
             continue
@@ -430,24 +429,22 @@ def _commit_splits(store: ArtifactStore, key: str, tmp: Path, run: _Run, source:
             os.replace(encrypted, path)
         digest = sha256_file(path)
         info = store.put_file(f"{key}/splits/{name}-{digest[:16]}.jsonl", path)
-        entry: dict[str, Any] = {"key": info.key, "sha256": info.sha256, "bytes": info.size,
-                                 "examples": run.split_counts[name]}
-        if options.encrypt_at_rest:
-            entry["encryption"] = SCHEME
-        splits[name] = entry
+        splits[name] = SplitFile(key=info.key, sha256=info.sha256 or digest, bytes=info.size,
+                                 examples=run.split_counts[name],
+                                 encryption=SCHEME if options.encrypt_at_rest else None)
     kinds = set(run.kinds)
-    manifest = {
-        "format": "openai-chat" if kinds == {"messages"} else ("text" if kinds == {"text"} else "mixed"),
-        "version": key.rsplit("/", 1)[-1],
-        "source": {"filename": source.filename, "sha256": source.sha256, "key": source.raw_key},
-        "options": canonical_options(options, store),
-        "model": summary["model"],
-        "pipeline_version": PIPELINE_VERSION,
-        "counts": {**summary["counts"], **{name: run.split_counts[name] for name in SPLIT_NAMES}},
-        "splits": splits,
-        "summary": summary,
-        "artifacts": {name: f"{key}/{object_name}" for name, (object_name, _) in INGEST_ARTIFACTS.items()},
-        "created_at": int(time.time()),
-    }
-    store.put_bytes(f"{key}/{INGEST_MANIFEST}", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    manifest = DatasetManifest.build(
+        format="openai-chat" if kinds == {"messages"} else ("text" if kinds == {"text"} else "mixed"),
+        version=key.rsplit("/", 1)[-1],
+        source=DatasetSource(filename=source.filename, sha256=source.sha256, key=source.raw_key),
+        options=canonical_options(options, store),
+        model=summary["model"],
+        pipeline_version=PIPELINE_VERSION,
+        counts={**summary["counts"], **{name: run.split_counts[name] for name in SPLIT_NAMES}},
+        splits=splits,
+        summary=summary,
+        artifacts={name: f"{key}/{object_name}" for name, (object_name, _) in INGEST_ARTIFACTS.items()},
+        created_at=int(time.time()),
+    )
+    manifest.write(store, f"{key}/{DATASET_MANIFEST}")  # last: the commit
     return manifest

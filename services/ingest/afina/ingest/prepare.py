@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import time
 
-import orjson
-
-from afina.core.catalog import check_model_access, resolve_base_model
-from afina.core.datasets.layout import INGEST_MANIFEST, dataset_prefix
+from afina.core.artifacts.dataset import DATASET_MANIFEST, SPLIT_NAMES, DatasetManifest, DatasetVersions
+from afina.core.catalog import check_model_access
+from afina.core.datasets.layout import dataset_prefix
 from afina.core.datasets.options import IngestOptions
 from afina.core.db import repository as repo
 from afina.core.db.models import File, Job
 from afina.core.errors import DatasetInvalid, InvalidRequest
 from afina.core.queue.jobs import JobContext
 from afina.core.runtime import Runtime
-from afina.core.training import requested_hyperparameters
+from afina.core.training import lifecycle
 from afina.ingest.crypto import check_key_env
 from afina.ingest.pipeline import IngestFailed, IngestProgress, IngestResult, read_manifest, version_key
 from afina.ingest.process_file import options_of, record_failure, record_result, run_ingest, source_of
@@ -62,9 +61,7 @@ def check_file_options(runtime: Runtime, row: File, options: IngestOptions, para
 def job_base_model(runtime: Runtime, job: Job) -> str:
     """The job's base model resolved as the trainer will (its ``chat_family``, a store model read through the
     store), checked against the operator's ``allowed_model_dirs`` again; its id names it in the options."""
-    chat_family = requested_hyperparameters(job.hyperparameters, job.method).get("chat_family")
-    return resolve_base_model(job.model, chat_family=chat_family, store=runtime.store,
-                              allowed_model_dirs=runtime.settings.allowed_model_dirs).id
+    return lifecycle.job_base_model(job, store=runtime.store, allowed_model_dirs=runtime.settings.allowed_model_dirs).id
 
 
 def ensure_version(context: JobContext, row: File, options: IngestOptions, param: str) -> IngestResult:
@@ -75,9 +72,8 @@ def ensure_version(context: JobContext, row: File, options: IngestOptions, param
     key = version_key(source, options, runtime.store)
     manifest = read_manifest(runtime.store, key)
     if manifest is not None:
-        counts = manifest.get("counts", {})
         context.event(f"Reusing prepared dataset {key.rsplit('/', 1)[-1]} of {row.filename} "
-                      f"({counts.get('train', 0)} training examples)")
+                      f"({manifest.examples('train')} training examples)")
         return IngestResult(version_key=key, manifest=manifest, reused=True)
     state = row.ingest_state or {}
     if row.status == "error" and state.get("version") == key:  # the same input already failed the same way
@@ -101,9 +97,9 @@ def ensure_version(context: JobContext, row: File, options: IngestOptions, param
         raise DatasetInvalid(exc.reason, line=exc.line, rule=exc.rule, param=param) from None
     if own_version and row.status == "uploaded":
         record_result(runtime, row.id, result)
-    counts = result.manifest["counts"]
-    context.event(f"Dataset {result.version_key.rsplit('/', 1)[-1]} ready: {counts.get('train', 0)} training, "
-                  f"{counts.get('validation', 0)} validation, {counts.get('test', 0)} test examples "
+    manifest = result.manifest
+    context.event(f"Dataset {result.version_key.rsplit('/', 1)[-1]} ready: {manifest.examples('train')} training, "
+                  f"{manifest.examples('validation')} validation, {manifest.examples('test')} test examples "
                   f"({result.summary.get('issue_total', 0)} issue(s) in the report)")
     return result
 
@@ -127,7 +123,7 @@ def prepare_dataset(context: JobContext) -> str:
         held_out = ensure_version(context, validation, job_options(validation, model, "validation_file"),
                                   "validation_file")
         dataset_key = _combine(context, trained, held_out)
-    context.update(dataset_key=dataset_key)
+    context.record_dataset(dataset_key)
     context.set_status("queued", message="Files validated; job queued for training")
     return "train"
 
@@ -138,15 +134,14 @@ def _combine(context: JobContext, trained: IngestResult, held_out: IngestResult)
     prefix = dataset_prefix(context.tenant_id, trained.version_key, held_out.version_key)
     if read_manifest(store, prefix) is not None:
         return prefix
-    splits = {name: info for name, info in trained.manifest["splits"].items() if name != "validation"}
-    validation = held_out.manifest["splits"].get("train")
+    splits = {name: entry for name, entry in trained.manifest.splits.items() if name != "validation"}
+    validation = held_out.manifest.splits.get("train")
     if validation is not None:
         splits["validation"] = validation
-    counts = {name: info["examples"] for name, info in splits.items()}
-    manifest = {"format": trained.manifest.get("format", "openai-chat"),
-                "versions": {"training": trained.version_key, "validation": held_out.version_key},
-                "counts": {"train": counts.get("train", 0), "validation": counts.get("validation", 0),
-                           "test": counts.get("test", 0)},
-                "splits": splits, "created_at": int(time.time())}
-    store.put_bytes(f"{prefix}/{INGEST_MANIFEST}", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    manifest = DatasetManifest.build(
+        format=trained.manifest.format,
+        versions=DatasetVersions(training=trained.version_key, validation=held_out.version_key),
+        counts={name: splits[name].examples if name in splits else 0 for name in SPLIT_NAMES},
+        splits=splits, created_at=int(time.time()))
+    manifest.write(store, f"{prefix}/{DATASET_MANIFEST}")  # last: the commit
     return prefix

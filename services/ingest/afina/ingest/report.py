@@ -43,10 +43,6 @@ class ReportWriter:
             if len(self.first_errors) < FIRST_ERRORS_KEPT:
                 self.first_errors.append(issue)
 
-    def add_all(self, issues: list[RowIssue]) -> None:
-        for issue in issues:
-            self.add(issue)
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())

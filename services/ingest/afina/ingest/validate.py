@@ -49,14 +49,6 @@ def check_example(example: Example) -> list[RowIssue]:
     return [RowIssue(example.source, example.line, field, rule, "error", detail) for field, rule, detail in errors]
 
 
-def check_min_examples(count: int, minimum: int) -> str | None:
-    """A sentence saying why ``count`` usable examples are too few, or None when there are enough."""
-    if count >= minimum:
-        return None
-    return (f"the file has {count} usable example(s); at least {minimum} are needed "
-            "(fix the rows reported, or lower min_examples)")
-
-
 def _split_name(value: Any) -> str | None:
     return SPLIT_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
 

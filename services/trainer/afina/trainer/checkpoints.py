@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from afina.core.artifacts.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from afina.core.datasets.layout import checkpoint_prefix, job_prefix
 from afina.core.db import repository as repo
 from afina.core.runtime import Runtime
@@ -21,7 +22,7 @@ from afina.core.runtime import Runtime
 log = logging.getLogger("afina.trainer")
 
 # without these a directory cannot resume a run
-REQUIRED_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
+REQUIRED_FILES = ("trainer_state.json", ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 ALL_ROWS = 1_000_000
 
 

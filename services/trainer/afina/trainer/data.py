@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
+from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, SplitFile
 from afina.core.datasets.at_rest import SCHEME as AT_REST_SCHEME
 from afina.core.datasets.at_rest import decrypt_bytes
 from afina.core.errors import DatasetInvalid, TrainingFailed
@@ -28,9 +29,9 @@ PARITY_SAMPLE = 16
 
 @dataclass(frozen=True)
 class PreparedDataset:
-    """A dataset as the ingest stage committed it: the manifest and the examples of each split."""
+    """A dataset as the ingest stage committed it: its manifest and the examples of each split."""
 
-    manifest: dict[str, Any]
+    manifest: DatasetManifest
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
 
@@ -53,32 +54,35 @@ class EncodedSplit:
 
 def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None,
                           data_key: SecretStr | None = None) -> PreparedDataset:
-    """Read ``manifest.json`` and its splits, checking each split against the manifest's sha256.
+    """Read the ``DatasetManifest`` and its train and validation splits, each checked against its sha256.
 
-    A split ingest encrypted at rest (``"encryption"`` in its manifest entry) is decrypted with
+    A split ingest encrypted at rest (``encryption`` in its manifest entry) is decrypted with
     ``data_key`` (``Settings.data_encryption_key``) after its sha256 is checked.
     """
     if not dataset_key:
         raise TrainingFailed("the job has no prepared dataset: the ingest stage has not committed one")
-    manifest = orjson.loads(store.get_bytes(f"{dataset_key}/manifest.json"))
-    splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-    for name, info in (manifest.get("splits") or {}).items():
-        if name not in splits:
-            continue
-        data = store.get_bytes(info["key"])
-        if info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise TrainingFailed(f"{info['key']} does not match the sha256 in its manifest; "
-                                 f"the prepared dataset was changed after ingest")
-        if info.get("encryption"):
-            if info["encryption"] != AT_REST_SCHEME:
-                raise TrainingFailed(f"{info['key']} is encrypted with {info['encryption']!r}, which this "
-                                     f"trainer cannot read")
-            data = decrypt_bytes(data, data_key)
-        splits[name] = [orjson.loads(line) for line in data.splitlines() if line.strip()]
-    if not splits["train"]:
+    manifest = DatasetManifest.read(store, f"{dataset_key}/{DATASET_MANIFEST}")
+    if manifest is None:
+        raise TrainingFailed(f"the job's prepared dataset {dataset_key} has no {DATASET_MANIFEST}: the ingest stage "
+                             "did not commit it")
+    splits = {name: _read_split(store, entry, data_key) for name, entry in manifest.splits.items()
+              if name in ("train", "validation")}
+    if not splits.get("train"):
         raise DatasetInvalid("the prepared dataset has no training examples", rule="empty_split",
                              param="training_file")
-    return PreparedDataset(manifest=manifest, train=splits["train"], validation=splits["validation"])
+    return PreparedDataset(manifest=manifest, train=splits["train"], validation=splits.get("validation", []))
+
+
+def _read_split(store: ArtifactStore, entry: SplitFile, data_key: SecretStr | None) -> list[dict[str, Any]]:
+    data = store.get_bytes(entry.key)
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise TrainingFailed(f"{entry.key} does not match the sha256 in its manifest; "
+                             f"the prepared dataset was changed after ingest")
+    if entry.encryption:
+        if entry.encryption != AT_REST_SCHEME:
+            raise TrainingFailed(f"{entry.key} is encrypted with {entry.encryption!r}, which this trainer cannot read")
+        data = decrypt_bytes(data, data_key)
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_template: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ log = logging.getLogger("afina.trainer")
 
 TRAINING_METRICS_FILE = "training_metrics.jsonl"
 HARDWARE_METRICS_FILE = "hardware_metrics.jsonl"
+UPLOAD_EVERY_S = 60.0
 
 
 def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
@@ -100,3 +102,33 @@ class MetricsFiles:
         with self._upload_lock:
             for name in (TRAINING_METRICS_FILE, HARDWARE_METRICS_FILE):
                 self.store.put_bytes(self.key(name), self.read_bytes(name))
+
+
+class MetricsUploader:
+    """The store copies a crash leaves behind: uploaded at every checkpoint, at the end and every ``every_s``.
+
+    Best effort: a failed upload is logged and the next one tries again (the report uploads the
+    final files itself), and nothing is uploaded once ``lease_lost`` is set, since another worker
+    owns the job and writes these keys now.
+    """
+
+    def __init__(self, files: MetricsFiles, lease_lost: threading.Event, *, every_s: float = UPLOAD_EVERY_S) -> None:
+        self.files = files
+        self.lease_lost = lease_lost
+        self.every_s = every_s
+        self._last_upload = time.monotonic()
+
+    def now(self) -> None:
+        if self.lease_lost.is_set():
+            return
+        self._last_upload = time.monotonic()
+        try:
+            self.files.upload()
+        except Exception:
+            log.warning("uploading the metrics files failed; the next checkpoint or minute tries again",
+                        exc_info=True)
+
+    def if_due(self) -> None:
+        """The periodic copy (called from the hardware sampler's thread)."""
+        if time.monotonic() - self._last_upload >= self.every_s:
+            self.now()

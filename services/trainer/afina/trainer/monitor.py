@@ -157,6 +157,21 @@ class HardwareMonitor:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def begin(self, attempt: int, step: int, epoch: float) -> None:
+        """An attempt of the run starts: peaks count from here, the thread runs (one per run, kept across a retry)."""
+        reset_gpu_peaks()
+        self.attempt, self.step, self.epoch, self.phase = attempt, step, epoch, "train"
+        if not self.running:
+            self.start()
+        self.record("train_begin")
+
+    def record(self, source: str) -> None:
+        """``sample``, except that a failing probe is logged and the run goes on: a measurement never stops it."""
+        try:
+            self.sample(source)
+        except Exception:
+            log.warning("hardware sample failed", exc_info=True)
+
     def sample(self, source: str) -> dict[str, Any]:
         """Take one sample now, hand it to the sink and return it; ``source`` says why (step, timer, ...)."""
         with self._lock:

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from afina.core.artifacts.dataset import DatasetManifest
 from afina.trainer import charts
 from afina.trainer.metrics_files import HARDWARE_METRICS_FILE, TRAINING_METRICS_FILE, parse_jsonl
 
@@ -87,7 +88,7 @@ class RunFacts:
     wall_seconds: float  # this attempt, setup to report
     resumed_from: int | None = None
     backend: str | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)  # the prepared dataset's manifest (ingest counts, stats)
+    manifest: DatasetManifest | None = None  # the prepared dataset's manifest (ingest counts and issues)
     hardware: dict[str, Any] = field(default_factory=dict)  # monitor.describe_hardware()
     finished_at: float = field(default_factory=time.time)
 
@@ -197,13 +198,18 @@ def _dataset_blocks(facts: RunFacts) -> list[Block]:
                                                                   "trained_tokens")))
                 for name, counts in facts.dataset.items()]
         blocks.append(("table", headers, rows))
-    for title, values in (("ingest counts", facts.manifest.get("counts")), ("ingest statistics",
-                                                                            facts.manifest.get("stats"))):
-        flat = _flatten(values) if isinstance(values, dict) else []
-        if flat:
-            blocks.append(("table", (title, "value"), [(name, _fmt(value)) for name, value in flat]))
-    if facts.manifest.get("format"):
-        blocks.append(("text", f"Format detected by ingest: `{facts.manifest['format']}`."))
+    manifest = facts.manifest
+    if manifest is not None:
+        # a version's summary has the issues by rule; a job's combination of two versions has counts only
+        issues = (manifest.summary or {}).get("issues")
+        for title, values in (("ingest counts", manifest.counts), ("ingest issues", issues)):
+            flat = _flatten(values) if isinstance(values, dict) else []
+            if flat:
+                blocks.append(("table", (title, "value"), [(name, _fmt(value)) for name, value in flat]))
+        blocks.append(("text", f"Format detected by ingest: `{manifest.format}`."))
+        if manifest.versions is not None:
+            blocks.append(("text", f"Training examples from dataset version `{manifest.versions.training}`, "
+                                   f"validation examples from `{manifest.versions.validation}`."))
     return blocks or [("text", "No dataset statistics were recorded.")]
 
 

@@ -24,8 +24,7 @@ def dataset_version_prefix(tenant_id: str, version_id: str) -> str:
     return f"datasets/{tenant_id}/{version_id}"
 
 
-# what an ingest run writes under its version prefix; ``manifest.json`` last, as the commit marker
-INGEST_MANIFEST = "manifest.json"
+# what an ingest run writes under its version prefix; its DatasetManifest (afina.core.artifacts) last
 INGEST_ARTIFACTS: dict[str, tuple[str, str]] = {  # name -> (object name, media type)
     "report": ("report.jsonl", "application/x-ndjson"),
     "stats": ("stats.json", "application/json"),

@@ -16,6 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from afina.core.datasets.formats import RECORD_FORMATS_BY_NAME
+
+# ``afina.core.datasets.formats.RECORD_FORMATS``'s names, spelled out for the schema (a test checks they agree)
 DatasetFormat = Literal[
     "auto",  # detect from the first records
     "openai",  # {"messages": [{"role", "content"}, ...]}
@@ -27,6 +30,8 @@ DatasetFormat = Literal[
     "transcript",  # a chat log with speaker prefixes (see TranscriptOptions)
     "paired",  # an archive of input files and expected-output files paired by base name
 ]
+# the containers of ``afina.core.datasets.formats.CONTAINERS`` that may be declared (a test checks); a
+# compressed or encrypted file is told by its bytes and ``encryption``, and holds one of these
 ContainerFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "txt", "zip", "tar"]
 
 # Portuguese split names as users write them (001_*) -> afina's names
@@ -248,8 +253,9 @@ class IngestOptions(StrictModel):
 
     @model_validator(mode="after")
     def _format_needs_its_section(self) -> IngestOptions:
-        if self.format == "columns" and self.columns is None:
-            raise ValueError("format 'columns' needs a 'columns' mapping (user and assistant templates)")
+        spec = RECORD_FORMATS_BY_NAME.get(self.format)
+        if spec is not None and spec.section_required and getattr(self, spec.options_section or "") is None:
+            raise ValueError(f"format {spec.name!r} needs a {spec.options_section!r} section ({spec.summary})")
         return self
 
 

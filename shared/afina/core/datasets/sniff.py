@@ -2,12 +2,16 @@
 
 The gateway runs this while the upload streams in, before anything is stored, so an
 obvious mistake (random binary, an empty file, a PNG, a JSON array of numbers) is a 400
-at once instead of a file that fails later. It decides the container from magic bytes,
-the file name and the first bytes of text, and checks only what is cheap: the first
-JSONL line, the start of a JSON array, a CSV's first row. Row-level problems are left to
-the ingest pipeline, which reports them per row. Archives get one more check once the
-whole upload is on disk (``check_archive``): members that escape their folder and
-members that expand past a limit are refused before the upload is stored.
+at once instead of a file that fails later. The container is decided by
+``afina.core.datasets.formats.detect_container``, the same decision ingest makes, from the
+same first ``SNIFF_BYTES`` and the same name; the sniff then checks only what is cheap: the
+first JSONL line, the start of a JSON array, a CSV's first row. Row-level problems are left
+to the ingest pipeline, which reports them per row; one of them is a line of a line-based
+container (JSONL, CSV) past ``MAX_LINE_BYTES``, which ingest never reads. In ``mode: strict``
+such a row fails the whole file, so there the sniff refuses the upload at the first line past
+the limit (with the options sent before the file). Archives get one more
+check once the whole upload is on disk (``check_archive``): members that escape their folder
+and members that expand past the limits are refused before the upload is stored.
 
 Encodings: the sniff never refuses text for not being UTF-8 (a latin-1 file is decoded
 by ingest and the decoding reported); it refuses bytes that are not text at all.
@@ -21,152 +25,156 @@ from pathlib import Path, PurePosixPath
 
 import orjson
 
+from afina.core.datasets.formats import (
+    MAX_ARCHIVE_MEMBER_BYTES,
+    MAX_ARCHIVE_MEMBERS,
+    MAX_ARCHIVE_TOTAL_BYTES,
+    MAX_COMPRESSION_RATIO,
+    MAX_LINE_BYTES,
+    RATIO_CHECK_MIN_BYTES,
+    SNIFF_BYTES,
+    SUPPORTED,
+    UTF8_BOM,
+    WHOLE_TEXT_FORMATS,
+    ContainerSpec,
+    container,
+    container_from_magic,
+    decode_text,
+    detect_container,
+    looks_binary,
+)
 from afina.core.datasets.options import IngestOptions
 from afina.core.errors import InvalidRequest
 
-HEAD_BYTES = 64 * 1024
-MAX_LINE_BYTES = 64 * 1024 * 1024
-# the ingest reader's own caps (afina.ingest.sources.limits) are the same; checked here too so the
-# common bomb is a 400 at upload instead of a failed file later
-MAX_ARCHIVE_MEMBERS = 10_000
-MAX_COMPRESSION_RATIO = 200
-RATIO_CHECK_MIN_BYTES = 16 * 1024 * 1024
-
-TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
-                 ".txt": "txt", ".text": "txt", ".md": "txt", ".log": "txt"}
-BINARY_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".zip": "zip", ".tar": "tar", ".tgz": "tar",
-                   ".gz": "tar"}
-SUPPORTED = "JSONL, JSON, CSV, TXT, Parquet, ZIP or tar.gz"
-BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
-
-
-def container_from_magic(head: bytes) -> str | None:
-    """``zip``, ``tar`` (plain or gzip'd), ``parquet`` from the first bytes; None for anything else."""
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "zip"
-    if head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar":
-        return "tar"
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    return None
-
-
-def looks_binary(head: bytes) -> bool:
-    """NUL bytes or many control characters: not text in any encoding ingest decodes (UTF-16 has a BOM)."""
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return False
-    if b"\x00" in head:
-        return True
-    sample = head[:8192]
-    controls = sum(1 for byte in sample if byte < 32 and byte not in (9, 10, 12, 13))
-    return controls > max(2, len(sample) // 100)
-
-
-def decode_text(data: bytes) -> str:
-    """Text for a cheap look: UTF-8 (BOM stripped), UTF-16 by BOM, else latin-1 (never fails)."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data[: len(data) - len(data) % 2].decode("utf-16", "replace")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start >= len(data) - 3:  # a multi-byte character cut by the head's end
-            return data[: exc.start].decode("utf-8")
-        return data.decode("latin-1")
+_BLANK = b" \t\r\n\x0c" + UTF8_BOM + b"\xff\xfe"
 
 
 class UploadSniffer:
-    """Fed the upload chunk by chunk; ``finish`` raises ``InvalidRequest`` if it is no dataset afina reads.
+    """Fed the upload chunk by chunk; ``feed`` or ``finish`` raises ``InvalidRequest`` if it is no dataset afina reads.
 
-    ``container`` is the decision (``jsonl``, ``json``, ``csv``, ``txt``, ``parquet``, ``zip``, ``tar``).
+    ``container`` is the decision, a ``ContainerSpec`` name of ``afina.core.datasets.formats``
+    (``jsonl``, ``json``, ``csv``, ``txt``, ``parquet``, ``zip``, ``tar``, ``gzip``, ``bzip2``, ``xz``,
+    ``fernet``): the name ingest reads the file as.
     """
 
     def __init__(self, filename: str, options: IngestOptions | None = None) -> None:
         self.filename = filename
         self.options = options or IngestOptions()
         self.size = 0
-        self.container: str | None = None
+        self.spec: ContainerSpec | None = None
         self._head = bytearray()
         self._tail = b""
-        self._line_bytes = 0  # bytes since the last newline (text containers)
-        self._decided = False
+        self._line_bytes = 0  # bytes of the line in progress (since the last newline)
+        self._line_number = 1  # 1-based number of the line in progress
+
+    @property
+    def container(self) -> str | None:
+        return self.spec.name if self.spec is not None else None
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
         self.size += len(chunk)
-        if len(self._head) < HEAD_BYTES:
-            self._head += chunk[: HEAD_BYTES - len(self._head)]
+        if len(self._head) < SNIFF_BYTES:
+            self._head += chunk[: SNIFF_BYTES - len(self._head)]
         self._tail = (self._tail + chunk)[-8:]
-        if not self._decided and len(self._head) >= HEAD_BYTES:
+        if self.spec is None and len(self._head) >= SNIFF_BYTES:
             self._decide()
-        if self.container in ("jsonl", "csv", "json", "txt"):
-            self._track_lines(chunk)
-
-    def _track_lines(self, chunk: bytes) -> None:
-        newline = chunk.rfind(b"\n")
-        self._line_bytes = len(chunk) - newline - 1 if newline >= 0 else self._line_bytes + len(chunk)
-        if self.container == "jsonl" and self._line_bytes > MAX_LINE_BYTES:
-            raise InvalidRequest(f"{self.filename}: a line is longer than {MAX_LINE_BYTES // 2**20} MB; "
-                                 "JSONL needs one record per line", param="file", code="invalid_file_format")
+        self._track_lines(chunk)
 
     def finish(self) -> None:
-        if not self._decided:
+        if self.spec is None:
             self._decide()
         if self.container == "parquet" and not self._tail.endswith(b"PAR1"):
             self._reject("it starts like Parquet but does not end with Parquet's footer (truncated upload?)")
 
+    # the line limit ----------------------------------------------------------
+
+    def _track_lines(self, chunk: bytes) -> None:
+        """In strict mode, every line's length against ``MAX_LINE_BYTES``, counted as ingest's line reader counts it.
+
+        Before the decision (the head) no line can be over the limit: the head is smaller than it.
+        """
+        checked = self.spec is not None and self.spec.line_based and self.options.mode == "strict"
+        newline = chunk.find(b"\n")
+        if newline < 0:
+            self._line_bytes += len(chunk)
+            if checked:
+                self._check_line(self._line_bytes, self._line_number)
+            return
+        if checked:
+            self._check_line(self._line_bytes + newline, self._line_number)
+            if len(chunk) > MAX_LINE_BYTES:  # only then can a whole line lie inside this chunk
+                number, start = self._line_number + 1, newline + 1
+                while (end := chunk.find(b"\n", start)) >= 0:
+                    self._check_line(end - start, number)
+                    number, start = number + 1, end + 1
+        self._line_number += chunk.count(b"\n")
+        self._line_bytes = len(chunk) - chunk.rfind(b"\n") - 1
+        if checked:
+            self._check_line(self._line_bytes, self._line_number)
+
+    def _check_line(self, length: int, number: int) -> None:
+        if length > MAX_LINE_BYTES:
+            kind = self.spec.name.upper() if self.spec is not None else "the file"
+            raise InvalidRequest(f"{self.filename}: line {number} is longer than the {MAX_LINE_BYTES // 2**20} MiB "
+                                 f"per-line limit, so ingest would not read it ({kind} needs one record per line), "
+                                 f"and ingest_options.mode is 'strict'", param="file", code="line_too_long")
+
     # the decision -----------------------------------------------------------
 
     def _decide(self) -> None:
-        self._decided = True
         head = bytes(self._head)
-        if not head.strip(b" \t\r\n\x0c" + b"".join(BOMS)):
+        if not head.strip(_BLANK):
             self._reject("the file is empty", code="empty_file")
-        explicit = self.options.container if self.options.container != "auto" else None
-        magic = container_from_magic(head)
-        suffix = PurePosixPath(self.filename.lower()).suffix
-        if explicit in ("zip", "tar", "parquet") or (explicit is None and magic is not None):
-            wanted = explicit or magic
-            if magic != wanted:
-                self._reject(f"it was declared {wanted} but its first bytes are not a {wanted} file")
-            self.container = wanted
+        options = self.options
+        if options.encryption is not None and options.encryption.whole_file:
+            self.spec = container("fernet")  # one Fernet token: ingest decrypts, then reads the plaintext
             return
-        if self.options.encryption is not None and self.options.encryption.whole_file:
-            self.container = explicit or "txt"  # one Fernet token: ingest decrypts, then reads
+        declared = options.container
+        spec = detect_container(head, self.filename, declared)
+        magic = container_from_magic(head, self.filename)
+        if spec is not None and spec.kind != "text":
+            self.spec = self._binary(spec, magic, declared)
             return
         if looks_binary(head):
             self._reject(f"its bytes are not text, and it is none of {SUPPORTED}", code="unsupported_file_type")
         if magic is not None:
-            self._reject(f"it is a {magic} file, but ingest_options.container says {explicit}")
-        text = decode_text(head).lstrip("\ufeff \t\r\n")
-        container = explicit or TEXT_SUFFIXES.get(suffix) or BINARY_SUFFIXES.get(suffix)
-        if container is None or container in BINARY_SUFFIXES.values():
-            if text.startswith("{"):
-                container = "jsonl"
-            elif text.startswith("["):
-                container = "json"
-            elif self.options.format in ("text", "transcript"):
-                container = "txt"
-            else:
+            self._reject(f"it is a {magic.name} file, but ingest_options.container says {declared}")
+        if spec is None:
+            if options.format not in WHOLE_TEXT_FORMATS:
                 self._reject("the format cannot be told from its name or its first bytes; name it .jsonl, .json, "
                              ".csv or .txt, or set ingest_options.container", code="unsupported_file_type")
-        self.container = container
-        if container == "jsonl":
+            spec = container("txt")
+        self.spec = spec
+        text = decode_text(head).lstrip("\ufeff \t\r\n")
+        complete = len(head) < SNIFF_BYTES
+        if spec.name == "jsonl":
             self._check_first_jsonl_line(head)
-        elif container == "json":
+        elif spec.name == "json":
             self._check_json_start(text)
-        elif container == "csv":
-            self._check_csv(text, complete=len(head) < HEAD_BYTES)
+        elif spec.name == "csv":
+            self._check_csv(text, complete=complete)
+
+    def _binary(self, spec: ContainerSpec, magic: ContainerSpec | None, declared: str) -> ContainerSpec:
+        """A declared binary container must start like one; an encrypted name needs ``encryption.whole_file``."""
+        if spec.kind == "encrypted":
+            self._reject("its name says it is Fernet-encrypted; set ingest_options.encryption with its key_env and "
+                         "whole_file: true", code="unsupported_file_type")
+        # a declared tar may be compressed; ingest opens whichever compression it has
+        matches = magic is not None and (magic.name == spec.name or (spec.name == "tar" and magic.kind == "compressed"))
+        if declared != "auto" and not matches:
+            self._reject(f"it was declared {declared} but its first bytes are not a {declared} file")
+        return spec
 
     def _check_first_jsonl_line(self, head: bytes) -> None:
         text = decode_text(head)
-        for number, line in enumerate(text.split("\n"), start=1):
+        lines = text.split("\n")
+        for number, line in enumerate(lines, start=1):
             stripped = line.strip().lstrip("\ufeff")
             if not stripped:
                 continue
-            complete = number < len(text.split("\n")) or len(head) < HEAD_BYTES
+            complete = number < len(lines) or len(head) < SNIFF_BYTES
             if not complete:  # a first line longer than the head: check how it starts
                 if not stripped.startswith("{"):
                     self._reject(f"line {number} does not start a JSON object")
@@ -201,11 +209,12 @@ class UploadSniffer:
 
 
 def check_archive(path: Path, filename: str, *, max_expanded_bytes: int) -> None:
-    """Refuse a ZIP whose members escape their folder or whose declared sizes exceed ``max_expanded_bytes``.
+    """Refuse a ZIP whose members escape their folder or whose declared sizes exceed the archive limits.
 
-    Reads only the central directory (cheap). Declared sizes can lie, so the ingest reader
-    still counts bytes while it extracts; this check turns the common bomb and traversal
-    into a 400 before anything is stored.
+    The limits are ingest's (``afina.core.datasets.formats``), with ``max_expanded_bytes`` (the
+    operator's setting) lowering the total. Reads only the central directory (cheap). Declared
+    sizes can lie, so the ingest reader still counts bytes while it extracts; this check turns
+    the common bomb and traversal into a 400 before anything is stored.
     """
     try:
         archive = zipfile.ZipFile(path)
@@ -215,6 +224,7 @@ def check_archive(path: Path, filename: str, *, max_expanded_bytes: int) -> None
                              code="invalid_file_format") from None
     with archive:
         members = archive.infolist()
+        max_expanded_bytes = min(max_expanded_bytes, MAX_ARCHIVE_TOTAL_BYTES)  # never more than ingest extracts
         if len(members) > MAX_ARCHIVE_MEMBERS:
             raise InvalidRequest(f"{filename} has {len(members)} members; at most {MAX_ARCHIVE_MEMBERS} are read",
                                  param="file", code="archive_too_large")
@@ -227,6 +237,10 @@ def check_archive(path: Path, filename: str, *, max_expanded_bytes: int) -> None
                 why = "is a symbolic link" if is_link else "points outside the archive (path traversal)"
                 raise InvalidRequest(f"{filename}: member {member.filename!r} {why}; refused", param="file",
                                      code="unsafe_archive_member")
+            if member.file_size > MAX_ARCHIVE_MEMBER_BYTES:
+                raise InvalidRequest(f"{filename}: member {member.filename!r} expands to {member.file_size} bytes, "
+                                     f"over the {MAX_ARCHIVE_MEMBER_BYTES // 2**30} GiB per-file limit; refused",
+                                     param="file", code="archive_too_large")
             expanded += member.file_size
             ratio = member.file_size / max(member.compress_size, 1)
             if member.file_size > RATIO_CHECK_MIN_BYTES and ratio > MAX_COMPRESSION_RATIO:

@@ -71,12 +71,18 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    model: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(256))  # the base model's id (OpenAI's ``model``)
+    # afina.core.catalog.ResolvedBaseModel, resolved once at creation (None: a job from before 0004)
+    base_model: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger)
+    # what the user asked for (TrainingSpec.requested()), the one copy; the API shows it with the resolved values
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # afina.core.training.TrainingConfig once the train stage sized the run: every number it trained with
+    training_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # {"type": "supervised", "supervised": {"init_from": {...}}}: no hyperparameters (those are above)
     method: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(32), default="validating_files", index=True)

@@ -128,8 +128,29 @@ class JobContext:
             self._writer.close()
             self._writer = None
 
-    def update(self, **values: Any) -> None:
-        """Set columns of the job row (only while holding the lease)."""
+    # named writes: each stage owns the columns it fills, and nothing else writes them
+
+    def record_dataset(self, dataset_key: str) -> None:
+        """Ingest: the committed dataset (its ``DatasetManifest`` prefix) the job trains on."""
+        self._set(dataset_key=dataset_key)
+
+    def record_training_config(self, training_config: dict[str, Any]) -> None:
+        """Train: the resolved ``TrainingConfig`` (``lifecycle.stored_training_config``), stored once."""
+        self._set(training_config=training_config)
+
+    def record_estimated_finish(self, when: int) -> None:
+        """Train: when the run should end (epoch seconds), as OpenAI's ``estimated_finish``."""
+        self._set(estimated_finish=when)
+
+    def record_trained_tokens(self, tokens: int) -> None:
+        """Train: the tokens the finished run trained on."""
+        self._set(trained_tokens=tokens)
+
+    def record_result_files(self, file_ids: list[str]) -> None:
+        """Train: the report files, downloadable as the job's ``result_files``."""
+        self._set(result_files=file_ids)
+
+    def _set(self, **values: Any) -> None:
         def change(_session: Session, job: Job) -> None:
             for name, value in values.items():
                 setattr(job, name, value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -154,9 +154,3 @@ class ArtifactStore(ABC):
         for info in self.list(base):
             written.append(self.download_file(info.key, local_dir / info.key[len(base):]))
         return written
-
-
-def iter_file_chunks(paths: Iterable[Path]) -> Iterator[bytes]:
-    for path in paths:
-        with open(path, "rb") as handle:
-            yield from iter(lambda: handle.read(CHUNK_BYTES), b"")

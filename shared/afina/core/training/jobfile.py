@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from afina.core.errors import InvalidRequest
-from afina.core.training.spec import TrainingSpec, parse_training_spec
+from afina.core.training.request import FineTuningRequest
 
 
 class _Loader(yaml.SafeLoader):
@@ -41,21 +41,12 @@ _Loader.add_implicit_resolver(
 )
 
 
-class JobFile(BaseModel):
-    """A fine-tuning job: the base model, the data, and the hyperparameters."""
+def parse_job_file(text: str, source: str = "<config>") -> FineTuningRequest:
+    """``text`` (YAML) as a ``FineTuningRequest``; an ``InvalidRequest`` naming ``source``, the line and the field.
 
-    model_config = ConfigDict(extra="forbid", title="afina fine-tuning job")
-
-    model: str = Field(min_length=1, description="a catalog model id or alias, a local path, or a store:// URI")
-    training_file: str = Field(min_length=1, description="a JSONL path (relative to this file) or a file id")
-    validation_file: str | None = Field(None, description="a JSONL path (relative to this file) or a file id")
-    suffix: str | None = Field(None, description="up to 64 letters, digits, '-' or '_', part of the model's name")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="the run's seed")
-    hyperparameters: TrainingSpec = Field(default_factory=TrainingSpec)
-
-
-def parse_job_file(text: str, source: str = "<config>") -> JobFile:
-    """``text`` (YAML) as a ``JobFile``; an ``InvalidRequest`` naming ``source``, the line and the field."""
+    A job file is the API's request body written as YAML, so it is read by the same model; unlike the
+    API (which ignores what it does not know, as OpenAI's does), a file's unknown key is a typo and refused.
+    """
     try:
         document = yaml.compose(text, Loader=_Loader)
         values = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
@@ -67,26 +58,28 @@ def parse_job_file(text: str, source: str = "<config>") -> JobFile:
     if not isinstance(values, dict):
         raise InvalidRequest(f"{source}: a job file is a mapping with model, training_file and hyperparameters",
                              param="config")
+    unknown = sorted(str(key) for key in values if key not in FineTuningRequest.model_fields)
+    if unknown:
+        raise _located(f"unknown field {unknown[0]!r}; accepted: {sorted(FineTuningRequest.model_fields)}",
+                       unknown[0], document, source)
     try:
-        spec = parse_training_spec(values.get("hyperparameters"))
-    except InvalidRequest as problem:
-        raise _located(problem.message, problem.param or "hyperparameters", document, source) from None
-    try:
-        job = JobFile.model_validate({key: value for key, value in values.items() if key != "hyperparameters"})
+        job = FineTuningRequest.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first.get("loc", ())) or "config"
-        if first["type"] == "extra_forbidden":
-            message = f"unknown field {param!r}; accepted: {sorted(JobFile.model_fields)}"
-        elif first["type"] == "missing":
+        if first["type"] == "missing":
             message = f"{param} is required"
         else:
             message = f"invalid {param}: {str(first.get('msg', 'invalid value')).removeprefix('Value error, ')}"
         raise _located(message, param, document, source) from None
-    return job.model_copy(update={"hyperparameters": spec})
+    try:
+        job.training_spec()
+    except InvalidRequest as problem:
+        raise _located(problem.message, problem.param or "hyperparameters", document, source) from None
+    return job
 
 
-def load_job_file(path: Path) -> JobFile:
+def load_job_file(path: Path) -> FineTuningRequest:
     """Read and check ``path`` (see ``parse_job_file``)."""
     try:
         text = path.read_text(encoding="utf-8")

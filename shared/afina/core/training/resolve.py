@@ -3,11 +3,10 @@
 A job carries OpenAI's three hyperparameters (``n_epochs``, ``batch_size``,
 ``learning_rate_multiplier``, each ``"auto"`` or a number) and, optionally,
 afina's extras in the same dict. Resolution is pure and idempotent: the resolved
-values are written back into ``job.hyperparameters`` (so the API shows what ran),
-and resolving them again, as a resumed attempt does, gives the same config, which
-is what lets a checkpoint's optimizer and scheduler state be restored as they were.
-The resolved values are stored under ``job.hyperparameters["resolved"]``, next to
-what the user asked for; a later attempt resolves from them.
+values are stored once in ``job.training_config`` (so the API shows what ran), and
+resolving them again, as a resumed attempt does, gives the same config, which is
+what lets a checkpoint's optimizer and scheduler state be restored as they were
+(``afina.core.training.lifecycle`` says which of the two a stage resolves).
 
 ``"auto"`` rules (``n`` = training examples left after tokenization):
 
@@ -53,10 +52,7 @@ CHECKPOINTS_PER_RUN = 4
 MAX_SAVE_INTERVAL = 50
 
 OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-DERIVED_KEYS = ("learning_rate",)  # written back for people to read; ignored when resolving again
-# the resolved values live under this key of ``job.hyperparameters``, next to what the user asked for
-# (the gateway shows them in place of "auto")
-RESOLVED_KEY = "resolved"
+DERIVED_KEYS = ("learning_rate",)  # stored for people to read; ignored when resolving again
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ class EarlyStoppingConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Every number a run needs, resolved; ``public()`` is what ``job.hyperparameters["resolved"]`` shows."""
+    """Every number a run needs, resolved; ``public()`` is what ``job.training_config`` stores."""
 
     n_epochs: int
     batch_size: int
@@ -135,34 +131,9 @@ def auto_save_steps(total_steps: int) -> int:
     return max(1, min(MAX_SAVE_INTERVAL, math.ceil(total_steps / CHECKPOINTS_PER_RUN)))
 
 
-def merge_requested(hyperparameters: Mapping[str, Any] | None,
-                    method: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The job's hyperparameters over ``method.supervised.hyperparameters`` (OpenAI's newer shape)."""
-    supervised = ((method or {}).get("supervised") or {}).get("hyperparameters") or {}
-    merged = {key: value for key, value in supervised.items() if key != RESOLVED_KEY}
-    merged.update({key: value for key, value in (hyperparameters or {}).items() if key != RESOLVED_KEY})
-    return merged
-
-
-def requested_hyperparameters(hyperparameters: Mapping[str, Any] | None,
-                              method: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What to resolve: an earlier attempt's ``resolved`` values when there are some (a resumed run must
-    train with exactly the config its checkpoint was made with), else ``merge_requested``."""
-    resolved = (hyperparameters or {}).get(RESOLVED_KEY)
-    if isinstance(resolved, Mapping):
-        return {key: value for key, value in resolved.items() if key not in DERIVED_KEYS}
-    return merge_requested(hyperparameters, method)
-
-
-def with_resolved(hyperparameters: Mapping[str, Any] | None, config: TrainingConfig) -> dict[str, Any]:
-    """The job's hyperparameters as the user gave them, plus ``resolved``: what the API shows over "auto"."""
-    return {**(hyperparameters or {}), RESOLVED_KEY: config.public()}
-
-
 def _spec(requested: Mapping[str, Any]) -> TrainingSpec:
-    # a stored ``resolved`` block carries the derived learning_rate; it is output, never input
-    return parse_training_spec({key: value for key, value in requested.items()
-                                if key not in DERIVED_KEYS and key != RESOLVED_KEY})
+    # a stored training config carries the derived learning_rate; it is output, never input
+    return parse_training_spec({key: value for key, value in requested.items() if key not in DERIVED_KEYS})
 
 
 def check_max_seq_len(max_seq_len: int, context_length: int | None) -> int:

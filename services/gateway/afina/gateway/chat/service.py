@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from anyio import to_thread
 
+from afina.core.artifacts import ManifestInvalid, ServedArtifacts
 from afina.core.catalog import catalog_model
 from afina.core.catalog.gguf_metadata import gguf_metadata
 from afina.core.catalog.template_refusal import first_refused_message, template_refusal
@@ -35,13 +36,12 @@ class ServedModel:
     path: Path
 
 
-def _artifact_key(name: str, artifacts: dict[str, Any]) -> str:
-    """``artifacts["gguf"][artifacts["serve"]]``: the quantization the exporter chose to serve."""
-    gguf = artifacts.get("gguf") if isinstance(artifacts, dict) else None
-    serve = artifacts.get("serve") if isinstance(artifacts, dict) else None
-    if not isinstance(gguf, dict) or not isinstance(gguf.get(serve), str):
-        raise InferenceUnavailable(f"model {name} has no servable GGUF registered")
-    return gguf[serve]
+def _artifact_key(name: str, artifacts: Any) -> str:
+    """The GGUF the exporter chose to serve, read through the registry row's ``ServedArtifacts``."""
+    try:
+        return ServedArtifacts.of_row(artifacts, name).served_key
+    except ManifestInvalid:
+        raise InferenceUnavailable(f"model {name} has no servable GGUF registered") from None
 
 
 def _resolve_sync(runtime: Runtime, files: ModelFileCache, tenant_id: str, name: str) -> ServedModel:

@@ -2,74 +2,18 @@
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-from afina.core.training import OPENAI_KEYS
-from afina.gateway.params import NulFreeStr
+from afina.core.training import OPENAI_KEYS, FineTuningRequest
 
-SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_METADATA_PAIRS = 16
-MAX_METADATA_KEY = 64
-MAX_METADATA_VALUE = 512
 HYPERPARAMETER_NAMES = OPENAI_KEYS  # what the job object shows, as OpenAI's does
 ItemT = TypeVar("ItemT")
 
 
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # validated by the service with afina.core.training's TrainingSpec (so errors name their source)
-    hyperparameters: dict[str, Any] | None = None
-
-
-class Method(BaseModel):
-    """``{"type": "supervised", "supervised": {...}}``; other types are parsed so the refusal can name them."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-    supervised: SupervisedMethod | None = None
-
-
-class CreateJobRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    # looked up in the registry (PostgreSQL text holds no NUL)
-    model: NulFreeStr
-    training_file: NulFreeStr
-    validation_file: NulFreeStr | None = None
-    suffix: str | None = None
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    metadata: dict[str, str] | None = None
-    # afina.core.training.TrainingSpec (configs/schema/training.schema.json), checked by
-    # service.merge_hyperparameters: OpenAI's three plus afina's extras, each error naming hyperparameters.<field>
-    hyperparameters: dict[str, Any] | None = None
-    method: Method | None = None
-    integrations: list[Any] | None = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, value: str | None) -> str | None:
-        if value is not None and not SUFFIX_PATTERN.fullmatch(value):
-            raise ValueError("suffix must be 1 to 64 letters, digits, '-' or '_'")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return value
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"metadata holds at most {MAX_METADATA_PAIRS} pairs")
-        for key, item in value.items():
-            if len(key) > MAX_METADATA_KEY:
-                raise ValueError(f"metadata keys are at most {MAX_METADATA_KEY} characters")
-            if len(item) > MAX_METADATA_VALUE:
-                raise ValueError(f"metadata values are at most {MAX_METADATA_VALUE} characters")
-        return value
+# one request model for the API, the YAML job file and the CLI (afina.core.training.request)
+CreateJobRequest = FineTuningRequest
 
 
 class JobError(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any
 from afina.core import ids
 from afina.core.catalog import resolve_base_model
 from afina.core.catalog.access import check_store_access
+from afina.core.catalog.resolved import ResolvedBaseModel
 from afina.core.db import repository as repo
 from afina.core.db.models import Checkpoint, Job, JobEvent
 from afina.core.errors import InvalidRequest, NotFound
@@ -22,9 +23,9 @@ from afina.core.logging import log_event
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
 from afina.core.queue import outbox
 from afina.core.runtime import Runtime
-from afina.core.training import check_max_seq_len, parse_training_spec
+from afina.core.training import check_max_seq_len
+from afina.core.training.lifecycle import display_hyperparameters
 from afina.gateway.fine_tuning.protocol import (
-    HYPERPARAMETER_NAMES,
     CreateJobRequest,
     FineTuningJob,
     JobCheckpoint,
@@ -34,35 +35,7 @@ from afina.gateway.fine_tuning.protocol import (
 from afina.gateway.fine_tuning.protocol import JobEvent as JobEventObject
 
 log = logging.getLogger("afina.gateway")
-SUPPORTED_METHODS = ("supervised",)
-METHOD_PREFIX = "method.supervised.hyperparameters"
 SHARED_BASE_MODELS_PREFIX = "base-models/"
-
-
-def merge_hyperparameters(request: CreateJobRequest) -> dict[str, Any]:
-    """The deprecated top-level ``hyperparameters`` overlaid by ``method.supervised.hyperparameters``, checked
-    with ``TrainingSpec`` (a 400 naming the field, e.g. ``hyperparameters.lora_r``); every OpenAI name is
-    present, ``"auto"`` where nobody chose, and afina's extras only where the user set them."""
-    if request.method is not None and request.method.type not in SUPPORTED_METHODS:
-        raise InvalidRequest(f"Invalid 'method.type': {request.method.type!r}; afina supports "
-                             f"{list(SUPPORTED_METHODS)} fine-tuning.", param="method.type")
-    merged: dict[str, Any] = parse_training_spec(request.hyperparameters).requested()
-    supervised = request.method.supervised if request.method is not None else None
-    if supervised is not None and supervised.hyperparameters is not None:
-        merged.update(parse_training_spec(supervised.hyperparameters, METHOD_PREFIX).requested())
-    # rules between fields (e.g. gradient_checkpointing vs backend) hold on the merged set
-    return {**{name: "auto" for name in HYPERPARAMETER_NAMES}, **parse_training_spec(merged).requested()}
-
-
-def _job_seed(request: CreateJobRequest, hyperparameters: dict[str, Any]) -> int:
-    """The top-level ``seed``, else ``hyperparameters.seed`` (a config file's), else a random one."""
-    config_seed = hyperparameters.get("seed")
-    if request.seed is not None and config_seed is not None and request.seed != config_seed:
-        raise InvalidRequest(f"seed={request.seed} and hyperparameters.seed={config_seed} disagree; give one",
-                             param="hyperparameters.seed")
-    if request.seed is not None:
-        return request.seed
-    return config_seed if config_seed is not None else secrets.randbelow(2**31)
 
 
 def _check_model_access(model: str, tenant_id: str) -> None:
@@ -99,33 +72,35 @@ def _fine_tuned_parent(runtime: Runtime, tenant_id: str, model: str) -> Any:
     return parent
 
 
-def _method(hyperparameters: dict[str, Any], parent: Any) -> dict[str, Any]:
-    supervised: dict[str, Any] = {"hyperparameters": hyperparameters}
-    if parent is not None:
-        # the trainer starts from this job's LoRA adapter instead of a fresh one
-        supervised["init_from"] = {"model": parent.name, "job_id": parent.job_id}
-    return {"type": "supervised", "supervised": supervised}
+def _method(parent: Any) -> dict[str, Any]:
+    """The stored ``method``: its type, and the adapter a continued job starts from (hyperparameters are
+    stored once, in ``job.hyperparameters``)."""
+    if parent is None:
+        return {"type": "supervised"}
+    # the trainer starts from this job's LoRA adapter instead of a fresh one
+    return {"type": "supervised", "supervised": {"init_from": {"model": parent.name, "job_id": parent.job_id}}}
 
 
 def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> FineTuningJob:
     """Check everything the request says (model, hyperparameters, files) before a row is written."""
-    hyperparameters = merge_hyperparameters(request)
+    training = request.training_spec()
     _check_model_access(request.model, tenant_id)  # before the store is read for the model's files
     parent = _fine_tuned_parent(runtime, tenant_id, request.model)
     base_model = parent.base_model if parent is not None else request.model
-    spec = resolve_base_model(base_model, chat_family=hyperparameters.get("chat_family"), store=runtime.store,
+    spec = resolve_base_model(base_model, chat_family=training.chat_family, store=runtime.store,
                               allowed_model_dirs=runtime.settings.allowed_model_dirs)
-    check_max_seq_len(parse_training_spec(hyperparameters).max_seq_len, spec.context_length)
-    seed = _job_seed(request, hyperparameters)
+    check_max_seq_len(training.max_seq_len, spec.context_length)
+    seed = request.job_seed(training)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
     with runtime.db.session() as session:
         _check_file(session, tenant_id, request.training_file, "training_file")
         if request.validation_file:
             _check_file(session, tenant_id, request.validation_file, "validation_file")
-        job = Job(id=ids.job_id(), tenant_id=tenant_id, model=spec.id, training_file=request.training_file,
-                  validation_file=request.validation_file, suffix=request.suffix,
-                  seed=seed,
-                  hyperparameters=hyperparameters,
-                  method=_method(hyperparameters, parent),
+        job = Job(id=ids.job_id(), tenant_id=tenant_id, model=spec.id,
+                  base_model=ResolvedBaseModel.of(spec).model_dump(mode="json"),
+                  training_file=request.training_file, validation_file=request.validation_file,
+                  suffix=request.suffix, seed=seed, hyperparameters=training.requested(), method=_method(parent),
                   user_metadata=request.metadata, status="validating_files", stage="ingest")
         session.add(job)
         session.flush()
@@ -135,14 +110,6 @@ def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> F
     outbox.deliver(runtime, [message])
     log_event(log, "job.created", job_id=job.id, tenant=tenant_id, model=spec.id)
     return job_object(job)
-
-
-def display_hyperparameters(job: Job) -> dict[str, Any]:
-    """What the user asked for, with the trainer's resolved values (``hyperparameters["resolved"]``) over
-    any ``"auto"``."""
-    stored = job.hyperparameters or {}
-    resolved = stored.get("resolved") if isinstance(stored.get("resolved"), dict) else {}
-    return {name: resolved.get(name, stored.get(name, "auto")) for name in HYPERPARAMETER_NAMES}
 
 
 def job_object(job: Job) -> FineTuningJob:

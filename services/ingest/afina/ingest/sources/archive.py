@@ -15,7 +15,9 @@ paired``, or auto-detected) yields each member's whole text for the paired conve
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import re
 import stat
 import tarfile
@@ -27,17 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from afina.core.datasets.formats import ARCHIVE_SUFFIXES
 from afina.core.datasets.options import IngestOptions, PairedOptions
 from afina.core.errors import DatasetInvalid
 from afina.ingest.records import RowIssue, SourceRow
 from afina.ingest.sources import limits
-from afina.ingest.sources.detect import ARCHIVE_SUFFIXES, binary_container
 from afina.ingest.sources.encoding import sniff_encoding
 from afina.ingest.sources.text import read_text
 
 # the paired converter's view of a member: its path inside the archive and its text
 PAIRED_MEMBER_KEY = "__member__"
 PAIRED_TEXT_KEY = "__text__"
+
+NESTED_ARCHIVE = "archives inside archives are not read; extract it and add its files to the outer archive"
 
 ReadFile = Callable[[Path, str, str], Iterator[SourceRow]]  # (path, source name, member file name) -> rows
 
@@ -81,8 +85,7 @@ def read_archive(path: Path, filename: str, kind: str, options: IngestOptions,
                         f"not inside '{paired.inputs_dir}/' or '{paired.outputs_dir}/'; ignored"))
                     continue
             if member.name.lower().endswith(ARCHIVE_SUFFIXES):
-                yield _member_error(source, "nested_archive", "archives inside archives are not read; extract it "
-                                                              "and add its files to the outer archive")
+                yield _member_error(source, "nested_archive", NESTED_ARCHIVE)
                 continue
             target = Path(tmp) / f"member-{index}"
             archive.extract(member, target, budget)
@@ -90,10 +93,7 @@ def read_archive(path: Path, filename: str, kind: str, options: IngestOptions,
                 if use_paired:
                     text = read_text(target, source, sniff_encoding(target, source, options.encoding))
                     yield SourceRow(source, 1, {PAIRED_MEMBER_KEY: relative, PAIRED_TEXT_KEY: text})
-                elif binary_container(target) in ("zip", "tar"):
-                    yield _member_error(source, "nested_archive", "archives inside archives are not read; "
-                                                                  "extract it and add its files to the outer archive")
-                else:
+                else:  # an archive under another name is refused by ``read_file`` (``nested_archive``)
                     yield from read_file(target, source, member.name.rsplit("/", 1)[-1])
             except DatasetInvalid as exc:
                 yield _member_error(source, exc.rule or "invalid_file", exc.message, exc.line or 0)
@@ -101,14 +101,10 @@ def read_archive(path: Path, filename: str, kind: str, options: IngestOptions,
                 target.unlink(missing_ok=True)
 
 
-def decompress_single(path: Path, dest: Path, source: str) -> None:
-    """A ``.gz``/``.bz2``/``.xz`` single file, decompressed with the archive caps."""
-    import bz2
-    import lzma
-
-    with open(path, "rb") as probe:
-        magic = probe.read(3)
-    opener = gzip.open if magic.startswith(b"\x1f\x8b") else bz2.open if magic == b"BZh" else lzma.open
+def decompress_single(path: Path, dest: Path, source: str, compression: str) -> None:
+    """A single compressed file (``compression``: a ``compressed`` container's name), decompressed with the
+    archive caps."""
+    opener = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}[compression]
     try:
         with opener(path, "rb") as compressed:
             _copy_capped(compressed, dest, source, limits.MAX_ARCHIVE_MEMBER_BYTES, path.stat().st_size, _Budget())

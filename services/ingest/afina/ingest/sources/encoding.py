@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from afina.core.datasets.formats import looks_binary
 from afina.core.errors import DatasetInvalid, InvalidRequest
 from afina.ingest.records import RowIssue
 from afina.ingest.sources.limits import SNIFF_BYTES
@@ -36,8 +37,6 @@ _BOMS: tuple[tuple[bytes, str, str], ...] = (
 # Portuguese letter and only adds printable characters (curly quotes, euro sign).
 LATIN_CODEC = "cp1252"
 _LATIN_FALLBACK_HANDLER = "afina-latin1-fallback"
-# C0 control bytes that never appear in text files (tab, LF, CR, FF and ESC excluded)
-_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27)) + b"\x7f"
 _SCAN_CHUNK = 1024 * 1024
 
 
@@ -113,7 +112,7 @@ def sniff_encoding(path: Path, source: str, override: str | None = None) -> Text
             f"{source}: not UTF-8: looks like UTF-16 ({utf16}) without a byte-order mark; re-save it as UTF-8 "
             f"or set 'encoding': '{'utf-16-le' if utf16 == 'little-endian' else 'utf-16-be'}'",
             rule="invalid_encoding", param="file")
-    if _looks_binary(head):
+    if looks_binary(head):
         raise DatasetInvalid(
             f"{source} is not a text file: it looks like binary data (control bytes found). Upload JSONL, JSON, "
             f"CSV, Parquet, TXT or a ZIP/tar.gz of those", rule="binary_file", param="file")
@@ -272,14 +271,6 @@ def _looks_like_utf16(head: bytes) -> str | None:
     if even_zeros > 0.3 and odd_zeros < 0.05:
         return "big-endian"
     return None
-
-
-def _looks_binary(head: bytes) -> bool:
-    sample = head[:65536]
-    if b"\x00" in sample:
-        return True
-    controls = sum(sample.count(byte) for byte in _CONTROL_BYTES)
-    return controls > max(2, len(sample) // 100)
 
 
 _registered = False
