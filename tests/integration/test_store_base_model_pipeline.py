@@ -67,3 +67,6 @@ def test_a_store_base_model_job_trains_exports_and_is_served(tmp_path: Path,
     assert manifest is not None and manifest.base_model == STORE_MODEL and manifest.serve == "q8_0"
     report = orjson.loads(runtime.store.get_bytes(manifest.verification.key))
     assert report["passed"] is True and report["checks"]["q8_0"]["completion"].strip()
+    # the fidelity gate ran on the held-out split: f16 answers like the merged model
+    fidelity = report["fidelity"]
+    assert fidelity["passed"] and fidelity["prompts"] >= 1 and set(fidelity["variants"]) == {"f16", "q8_0"}

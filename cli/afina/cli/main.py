@@ -204,6 +204,40 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from afina.cli.datasets import CliError
+    from afina.cli.models import export_options, run_export
+
+    try:
+        base_url, api_key = connection(args.home)
+        options = export_options(args.quant, args.serve, args.ollama, args.ollama_name, args.hub, args.public)
+        export = run_export(base_url, api_key, args.model, options)
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    published = export.get("published") or {}
+    for where, record in published.items():
+        if record:
+            print(f"{where}: {record.get('status')} {record.get('name') or record.get('url') or ''} "
+                  f"{record.get('error') or ''}".rstrip())
+    print(f"export {export['id']} {export['status']}")
+    return 0 if export["status"] == "succeeded" else 1
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from afina.cli.datasets import CliError
+    from afina.cli.models import pull
+
+    try:
+        base_url, api_key = connection(args.home)
+        target = args.output or Path(f"{args.model.replace(':', '_')}-{args.quant or 'served'}.gguf")
+        pull(base_url, api_key, args.model, args.quant, target)
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afina", description=__doc__)
     parser.add_argument("--home", type=Path, default=default_home(), help="state directory (AFINA_HOME)")
@@ -274,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=200)
     chat.add_argument("--temperature", type=float, default=0.2)
     chat.set_defaults(run=_chat)
+
+    export = commands.add_parser("export", help="export a fine-tuned model again: quantizations, Ollama, the Hub")
+    export.add_argument("model")
+    export.add_argument("--quant", action="append", default=[], metavar="NAME",
+                        help="a GGUF variant to make (repeatable): f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0")
+    export.add_argument("--serve", default=None, help="the variant the gateway serves")
+    export.add_argument("--ollama", action="store_true", help="register it in the operator's Ollama")
+    export.add_argument("--ollama-name", default=None, help="its name there (default: from the suffix)")
+    export.add_argument("--hub", default=None, metavar="REPO", help="publish to the Hugging Face Hub (user/repo)")
+    export.add_argument("--public", action="store_true", help="a public Hub repository (default: private)")
+    export.set_defaults(run=_export)
+
+    pull_cmd = commands.add_parser("pull", help="download a fine-tuned model's GGUF (resumes a partial download)")
+    pull_cmd.add_argument("model")
+    pull_cmd.add_argument("--quant", default=None, help="the variant (default: the served one)")
+    pull_cmd.add_argument("-o", "--output", type=Path, default=None)
+    pull_cmd.set_defaults(run=_pull)
     return parser
 
 

@@ -79,7 +79,30 @@ class Settings(BaseSettings):
     # starts, not when its first job arrives; compiled kernels are cached under <home>/cache (a volume)
     worker_preload: bool = True
     checkpoint_keep_last: int = 3
-    export_quantizations: list[str] = ["Q4_K_M", "Q8_0"]
+    # the GGUF variants a job gets when it does not choose (None: by model size, see
+    # afina.core.artifacts.export_options.default_variants)
+    export_quantizations: list[str] | None = None
+    # the fidelity gate: greedy tokens of the f16 GGUF against the merged model on held-out prompts
+    fidelity_prompts: int = 16  # the first N of the test split (else validation)
+    fidelity_tokens: int = 32  # greedy tokens compared per prompt
+    fidelity_min_agreement: float = 0.95  # share of prompts whose tokens match exactly
+    # each quantized variant: greedy-token agreement with f16 (reported; refused below this) and perplexity on
+    # the validation texts at most this many times f16's
+    fidelity_min_variant_agreement: float = 0.0
+    fidelity_max_perplexity_ratio: float = 1.5
+    # a prompt whose tokens first differ where the runner-up led by at most this many logits still agrees
+    # (f16 rounding flips near-ties; every such prompt is reported)
+    fidelity_near_tie_margin: float = 0.01
+
+    # publishing: an Ollama the exporter registers models in (None: no registration unless a job asks and
+    # fails saying none is configured); a tenant's models are named "<prefix><name>", the prefix a template
+    ollama_url: str | None = None
+    ollama_name_prefix: str = "{tenant}-"
+    ollama_timeout_s: float = 600.0
+    # the Hugging Face Hub: its endpoint, and which environment variables a tenant's hub.token_env may name
+    # ("*": every tenant); HF_TOKEN is the default a job gets when it names none
+    hub_endpoint: str = "https://huggingface.co"
+    hub_token_envs: dict[str, list[str]] = Field(default_factory=lambda: {"*": ["HF_TOKEN"]})
 
     # gateway
     max_upload_bytes: int = 512 * 1024 * 1024
@@ -139,6 +162,13 @@ class Settings(BaseSettings):
     def key_envs_for(self, tenant_id: str) -> frozenset[str]:
         """The environment variables ``tenant_id``'s ingest options may name as an encryption key."""
         return frozenset(self.encryption_key_envs.get(tenant_id, [])) | frozenset(self.encryption_key_envs.get("*", []))
+
+    def hub_token_envs_for(self, tenant_id: str) -> frozenset[str]:
+        """The environment variables ``tenant_id``'s ``export.hub.token_env`` may name."""
+        return frozenset(self.hub_token_envs.get(tenant_id, [])) | frozenset(self.hub_token_envs.get("*", []))
+
+    def ollama_prefix_for(self, tenant_id: str) -> str:
+        return self.ollama_name_prefix.format(tenant=tenant_id.lower())
 
     @cached_property
     def resolved_database_url(self) -> str:

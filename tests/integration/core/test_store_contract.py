@@ -148,3 +148,12 @@ def test_s3_rejects_wrong_credentials(seaweedfs: SeaweedS3, bucket_name: str) ->
 
     with pytest.raises(StoreError):
         S3Store.connect(seaweedfs.endpoint, "wrong", "credentials", bucket_name)
+
+
+def test_ranged_reads_return_exactly_the_asked_bytes(store: ArtifactStore) -> None:
+    data = bytes(range(256)) * 9000  # 2.3 MB: crosses the 1 MiB chunk size
+    store.put_bytes("ranges/blob.bin", data)
+    for start, length in ((0, 10), (5, 1), (1_048_570, 20), (len(data) - 7, None), (123_456, 1_500_000)):
+        got = b"".join(store.iter_chunks("ranges/blob.bin", start, length))
+        assert got == data[start:None if length is None else start + length], (start, length)
+    assert b"".join(store.iter_chunks("ranges/blob.bin")) == data

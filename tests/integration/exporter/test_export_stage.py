@@ -179,14 +179,15 @@ def test_a_resumed_export_reuses_the_stored_gguf_on_postgres_and_s3(
 
     messages = [event.message for event in event_rows(runtime, job.id)]
     assert any("Reusing the 16-bit GGUF" in message for message in messages)
-    assert not any(message.startswith(("Merged", "Converted")) for message in messages)
+    # merged again (the fidelity gate compares against it) but not converted again
+    assert not any(message.startswith("Converted") for message in messages)
     row = job_row(runtime, job.id)
     assert row.status == "succeeded" and row.fine_tuned_model == f"ft:smollm2-135m-instruct:{TENANT}::{job.id}"
     assert len(models_of(runtime, job.id)) == 1
     manifest = orjson.loads(runtime.store.get_bytes(f"{prefix}/manifest.json"))
     original = orjson.loads(exported.runtime.store.get_bytes(f"{exported.prefix}/manifest.json"))
     assert manifest["gguf"]["f16"]["sha256"] == original["gguf"]["f16"]["sha256"]
-    assert set(manifest["timings"]) == {"quantize_q4_k_m", "quantize_q8_0", "verify"}
+    assert set(manifest["timings"]) == {"merge", "quantize_q4_k_m", "quantize_q8_0", "verify"}
     assert orjson.loads(runtime.store.get_bytes(f"{prefix}/verification.json"))["passed"] is True
     runtime.db.dispose()
 
@@ -206,3 +207,31 @@ def test_a_manifest_is_reused_only_while_every_file_has_its_sha256(exported: Exp
     finally:
         runtime.store.put_bytes(key, original)
     assert read_complete_manifest(runtime.store, keys) is not None
+
+
+def test_a_re_export_adds_a_variant_to_the_same_model(exported: Exported) -> None:
+    from afina.core import ids
+    from afina.core.artifacts import ExportManifest, ServedArtifacts
+    from afina.core.db.models import Job
+
+    runtime = exported.runtime
+    [model] = models_of(runtime, exported.job_id)
+    with runtime.db.session() as session:
+        source = repo.get_job(session, TENANT, exported.job_id)
+        export = Job(id=ids.job_id(), tenant_id=TENANT, model=source.model, training_file=source.training_file,
+                     seed=1, hyperparameters={}, kind="export", stage="export", status="running",
+                     method={"type": "export", "export": {"model": model.name, "source_job_id": source.id}},
+                     export_options={"quantizations": ["q5_k_m"]})
+        session.add(export)
+    context = context_for(runtime, export, "export")
+    assert export_job(context) is None
+    manifest = ExportManifest.read(runtime.store, f"{exported.prefix}/manifest.json")
+    assert manifest is not None and sorted(manifest.gguf) == ["f16", "q4_k_m", "q5_k_m", "q8_0"]
+    assert manifest.serve == "q4_k_m"  # unchanged: the re-export did not ask for another
+    assert set(manifest.timings) == {"merge", "quantize_q5_k_m", "verify"}  # only the new variant was made
+    assert manifest.gguf["q5_k_m"].matches(runtime.store)
+    [again] = models_of(runtime, exported.job_id)
+    assert ServedArtifacts.of_row(again.artifacts, again.name).gguf["q5_k_m"].endswith("model-q5_k_m.gguf")
+    row = job_row(runtime, export.id)
+    assert row.status == "succeeded" and row.fine_tuned_model == model.name
+    assert job_row(runtime, exported.job_id).status == "succeeded"  # the training job is untouched

@@ -1,7 +1,9 @@
-"""Merging changes exactly the LoRA-targeted weights, by exactly scaling x B @ A, in the base's precision.
+"""Merging changes exactly the LoRA-targeted weights, by exactly scaling x B @ A, in the base's precision, and
+the streamed result is bit-identical to PEFT's ``merge_and_unload`` + ``save_pretrained``.
 
-Real SmolLM2 weights and a real (perturbed) LoRA adapter, merged once per session: ML work, so ``slow``.
-The merge's refusals of a bad base or adapter need no weights and live in tests/unit/exporter/test_merge.py.
+Real SmolLM2 weights (float32, tied embeddings) and real (perturbed) LoRA adapters: ML work, so ``slow``.
+The merge's refusals need no real weights and live in tests/unit/exporter/test_merge.py; the same identity
+on tiny Llama, Qwen2 and Gemma shapes is in tests/unit/exporter/test_merge_identity.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from afina.core.catalog import CHATML
-from tests.support.adapters import LORA_ALPHA, LORA_RANK, LORA_TARGETS
+from afina.exporter.merge import merge_adapter
+from tests.support.adapters import LORA_ALPHA, LORA_RANK, LORA_TARGETS, exporter_shared_dir
+from tests.support.tiny_models import LoraSpec, differing_tensors, make_random_adapter, peft_merge_and_save
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +66,22 @@ def test_merged_checkpoint_carries_the_stock_template_and_no_quantization(merged
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     assert tokenizer.chat_template == CHATML.stock_template
     assert tokenizer.eos_token == CHATML.eos_token
+
+
+def test_streamed_merge_is_bit_identical_to_peft(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path,
+                                                 lora_adapter_dir: Path, merged_dir: Path) -> None:
+    reference = peft_merge_and_save(base_model_dir, lora_adapter_dir,
+                                    exporter_shared_dir(tmp_path_factory) / "peft-merged")
+    assert differing_tensors(reference, merged_dir) == []
+
+
+def test_seven_projections_rslora_and_a_trained_lm_head_match_peft(base_model_dir: Path, tmp_path: Path) -> None:
+    """SmolLM2 ties its embeddings; a trained lm_head copy unties them in PEFT's output and in ours."""
+    spec = LoraSpec(target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                    r=16, lora_alpha=32, use_rslora=True, modules_to_save=("lm_head",))
+    adapter = make_random_adapter(base_model_dir, tmp_path / "adapter", spec)
+    reference = peft_merge_and_save(base_model_dir, adapter, tmp_path / "peft-merged")
+    result = merge_adapter(base_model_dir, adapter, tmp_path / "streamed", chat_template=CHATML.stock_template)
+    assert differing_tensors(reference, tmp_path / "streamed") == []
+    assert result.merged_modules == 7 * 30 and result.untied_embeddings
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["tie_word_embeddings"] is False

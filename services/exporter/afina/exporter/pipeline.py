@@ -30,23 +30,28 @@ import orjson
 
 from afina.core.artifacts import ADAPTER_MARKER, AdapterManifest, ExportManifest, FileEntry, ManifestInvalid
 from afina.core.artifacts.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, read_split_records
+from afina.core.artifacts.export_options import LOW_BIT_VARIANTS
 from afina.core.catalog import BaseModelSpec
-from afina.core.datasets.layout import adapter_prefix, model_prefix
+from afina.core.datasets.layout import adapter_prefix
 from afina.core.errors import ExportFailed
 from afina.core.logging import log_event
 from afina.core.queue.jobs import JobContext
 from afina.core.store import ArtifactStore
 from afina.core.store.base import ObjectInfo, sha256_file
 from afina.core.training.lifecycle import job_base_model
-from afina.exporter.gguf import BASE_GGUF, convert_to_gguf, quantize_gguf, resolve_quantizations
+from afina.exporter.gguf import BASE_GGUF, convert_to_gguf, make_variant, resolve_quantizations
 from afina.exporter.merge import merge_adapter
 from afina.exporter.modelfile import render_modelfile
-from afina.exporter.register import finish_registered, model_name_for, register_export
+from afina.exporter.publish import publish_model
+from afina.exporter.register import finish_registered, register_export, update_registration
+from afina.exporter.target import ExportTarget, export_target
 from afina.exporter.verify import VerificationFailed, load_hf_tokenizer, verify_all
 
 log = logging.getLogger("afina.exporter")
 
-SERVE_PREFERENCE = ("q4_k_m", "q8_0")
+LORA_GGUF = "adapter.gguf"
+IMATRIX_CONVERSATIONS = 256  # training conversations the importance matrix reads (it stops at its token budget)
 # merge (full-precision copy) + f16 GGUF + quantized copies: users report "disk full" below ~3-4x
 DISK_FACTOR = 4
 BYTES_PER_16BIT_PARAM = 2
@@ -76,37 +81,58 @@ class ExportKeys:
     def manifest(self) -> str:
         return f"{self.prefix}/manifest.json"
 
+    @property
+    def lora_gguf(self) -> str:
+        return f"{self.prefix}/{LORA_GGUF}"
+
 
 def gguf_filename(variant: str) -> str:
     return f"model-{variant}.gguf"
 
 
 def export_job(context: JobContext) -> None:
-    """Run the export stage for a job; the job ends ``succeeded`` with its model registered."""
+    """Run the export stage; the job ends ``succeeded`` with its model registered (and published where asked).
+
+    A fine-tuning job exports its own adapter; a re-export job adds variants to (or republishes) the model
+    of its source job. Publishing (Ollama, the Hub) comes after registration: a publication that fails is
+    recorded on the model, which stays usable in afina, and never fails the training.
+    """
     runtime = context.runtime
     settings = runtime.settings
-    if finish_registered(context) is not None:
-        context.event("Model already registered for this job; nothing to export")
-        return None
     job = context.snapshot()
-    # the base model (and family) the job resolved at creation, as the train stage used it
-    spec = job_base_model(job, store=runtime.store, allowed_model_dirs=settings.allowed_model_dirs)
-    quantizations = resolve_quantizations(settings.export_quantizations)
-    keys = ExportKeys(model_prefix(job.tenant_id, job.id), (BASE_GGUF, *quantizations))
-    serve = next((q for q in SERVE_PREFERENCE if q in quantizations), quantizations[0] if quantizations else BASE_GGUF)
-    name = model_name_for(runtime, job.id)
+    target = export_target(runtime, job)
+    if not target.reexport and finish_registered(context) is not None:
+        context.event("Model already registered for this job; nothing to export")
+        publish_model(context, target, only_missing=True)
+        return None
+    # the base model (and family) the source job resolved at creation, as its train stage used it
+    spec = job_base_model(target.source, store=runtime.store, allowed_model_dirs=settings.allowed_model_dirs)
+    configured = tuple(resolve_quantizations(settings.export_quantizations)) if settings.export_quantizations \
+        else None
+    variants = target.options.variants(spec.parameters, configured)
+    earlier = target.existing_manifest(runtime) if target.reexport else None
+    if earlier is not None:  # a re-export keeps what was made before and adds what it asks for
+        variants = (*variants, *(name for name in earlier.gguf if name not in variants))
+    serve = target.options.serve or (earlier.serve if earlier is not None and earlier.serve in variants
+                                     else target.options.served_variant(variants))
+    keys = ExportKeys(target.prefix, variants)
 
     manifest = read_complete_manifest(runtime.store, keys)
-    if manifest is not None:
+    if manifest is not None and manifest.serve == serve:
         context.event("Reusing the exported files listed in the model manifest")
     else:
-        manifest = build_export(context, spec, keys, serve=serve, name=name)
+        manifest = build_export(context, target, spec, keys, serve=serve)
 
     context.check_continue()
-    served = manifest.served(adapter_prefix(job.tenant_id, job.id), keys.manifest)
-    register_export(context, served,
-                    message=f"Fine-tuned model {name} is ready (serving {manifest.serve.upper()})")
-    log_event(log, "export.registered", job_id=job.id, model=name, serve=manifest.serve)
+    served = manifest.served(target.adapter, keys.manifest)
+    if target.reexport:
+        update_registration(context, target.model_name, served,
+                            message=f"Model {target.model_name} exported again (serving {manifest.serve.upper()})")
+    else:
+        register_export(context, served,
+                        message=f"Fine-tuned model {target.model_name} is ready (serving {manifest.serve.upper()})")
+    log_event(log, "export.registered", job_id=job.id, model=target.model_name, serve=manifest.serve)
+    publish_model(context, target)
     return None
 
 
@@ -122,8 +148,8 @@ def read_complete_manifest(store: ArtifactStore, keys: ExportKeys) -> ExportMani
     return manifest
 
 
-def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, serve: str,
-                 name: str) -> ExportManifest:
+def build_export(context: JobContext, target: ExportTarget, spec: BaseModelSpec, keys: ExportKeys, *,
+                 serve: str) -> ExportManifest:
     """Make (or fetch) every file, verify, upload what is new, and write the manifest last."""
     runtime = context.runtime
     settings = runtime.settings
@@ -136,29 +162,38 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
     stored: dict[str, ObjectInfo] = {}
     try:
         preflight_disk(work_dir, spec)
-        adapter_dir = download_adapter(store, context.tenant_id, context.job_id, work_dir / "adapter")
-        base_dir: Path | None = None
+        adapter_dir = download_adapter(store, target.tenant_id, target.source_job_id, work_dir / "adapter")
         local = {variant: work_dir / gguf_filename(variant) for variant in keys.variants}
         present = {variant: store.exists(keys.gguf(variant)) for variant in keys.variants}
-
+        # the merged model is made every time: the fidelity gate (and bf16) compare against it
+        base_dir = _base_dir(spec, settings.resolved_model_cache_dir, store)
+        merged_dir = work_dir / "merged"
+        with _phase(context, timings, "merge") as note:
+            merged = merge_adapter(base_dir, adapter_dir, merged_dir, chat_template=family.stock_template)
+            note(f"Merged the LoRA adapter (r={merged.lora_rank}, {merged.merged_modules} modules) into the "
+                 f"{merged.dtype} {spec.display_name} base, tensor by tensor")
+        context.check_continue()
         if present[BASE_GGUF]:
             store.download_file(keys.gguf(BASE_GGUF), local[BASE_GGUF])
             context.event("Reusing the 16-bit GGUF already in the store")
         else:
-            base_dir = _base_dir(spec, settings.resolved_model_cache_dir, store)
-            merged_dir = work_dir / "merged"
-            with _phase(context, timings, "merge") as note:
-                merged = merge_adapter(base_dir, adapter_dir, merged_dir, chat_template=family.stock_template)
-                note(f"Merged the LoRA adapter (r={merged.lora_rank}, {merged.merged_modules} modules) into the "
-                     f"{merged.dtype} {spec.display_name} base")
-            context.check_continue()
             with _phase(context, timings, "convert") as note:
                 convert_to_gguf(merged_dir, local[BASE_GGUF], log_path=work_dir / "convert.log",
                                 check_continue=context.check_continue)
                 note(f"Converted the merged model to GGUF f16 ({_mb(local[BASE_GGUF])} MB)")
-            shutil.rmtree(merged_dir, ignore_errors=True)  # frees the largest file before quantizing
             stored[BASE_GGUF] = store.put_file(keys.gguf(BASE_GGUF), local[BASE_GGUF])
 
+        held_out, training_texts = held_out_examples(context, target, settings.fidelity_prompts)
+        tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+        hf_tokenizer = load_hf_tokenizer(tokenizer_dir, family.stock_template)
+        importance = None
+        if target.options.imatrix and any(not present[v] and v in LOW_BIT_VARIANTS for v in keys.variants):
+            from afina.exporter.imatrix import compute_imatrix
+
+            with _phase(context, timings, "imatrix") as note:
+                importance = compute_imatrix(local[BASE_GGUF], [render(hf_tokenizer, m) for m in training_texts],
+                                             check_continue=context.check_continue)
+                note("Computed an importance matrix from the job's training data for the low-bit variants")
         for variant in keys.variants[1:]:
             context.check_continue()
             if present[variant]:
@@ -166,14 +201,23 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
                 context.event(f"Reusing the {variant.upper()} GGUF already in the store")
                 continue
             with _phase(context, timings, f"quantize_{variant}") as note:
-                quantize_gguf(local[BASE_GGUF], local[variant], variant)
-                note(f"Quantized to {variant.upper()} ({_mb(local[variant])} MB)")
+                make_variant(variant, merged_dir=merged_dir, f16_gguf=local[BASE_GGUF], target=local[variant],
+                             log_path=work_dir / f"{variant}.log",
+                             imatrix=importance if variant in LOW_BIT_VARIANTS else None,
+                             check_continue=context.check_continue)
+                note(f"Made the {variant.upper()} GGUF ({_mb(local[variant])} MB)")
             stored[variant] = store.put_file(keys.gguf(variant), local[variant])
+        lora_path = work_dir / LORA_GGUF
+        if target.options.lora_gguf:
+            from afina.exporter.lora_gguf import convert_lora_to_gguf
+
+            with _phase(context, timings, "lora_gguf") as note:
+                convert_lora_to_gguf(adapter_dir, base_dir, lora_path, log_path=work_dir / "lora.log",
+                                     name=target.model_name, check_continue=context.check_continue)
+                note(f"Wrote the LoRA-only GGUF adapter ({_mb(lora_path)} MB), for Ollama's ADAPTER over the base")
+            stored["lora_gguf"] = store.put_file(keys.lora_gguf, lora_path)
 
         context.check_continue()
-        tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() \
-            else base_dir or _base_dir(spec, settings.resolved_model_cache_dir, store)
-        hf_tokenizer = load_hf_tokenizer(tokenizer_dir, family.stock_template)
         with _phase(context, timings, "verify") as note:
             try:
                 report = verify_all(local, family=family, hf_tokenizer=hf_tokenizer)
@@ -184,6 +228,9 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
             answer = report["checks"][serve]["completion"]
             note(f"Verified {len(local)} GGUF files: stock template, EOS, prompt tokens, greedy answer "
                  f"({answer[:60]!r})")
+        report["fidelity"] = run_fidelity_gate(context, timings, keys, merged_dir, local, family, hf_tokenizer,
+                                               held_out)
+        shutil.rmtree(merged_dir, ignore_errors=True)
 
         modelfile_path = work_dir / "Modelfile"
         modelfile_path.write_text(render_modelfile(gguf_filename(serve), family))
@@ -199,17 +246,86 @@ def build_export(context: JobContext, spec: BaseModelSpec, keys: ExportKeys, *, 
             return FileEntry(key=key, bytes=path.stat().st_size, sha256=digest)
 
         manifest = ExportManifest.build(
-            name=name, job_id=context.job_id, tenant_id=context.tenant_id, base_model=spec.id, family=family.name,
-            serve=serve, adapter=adapter_prefix(context.tenant_id, context.job_id),
+            name=target.model_name, job_id=target.source_job_id, tenant_id=target.tenant_id, base_model=spec.id,
+            family=family.name, serve=serve, adapter=target.adapter,
             gguf={variant: entry(variant, keys.gguf(variant), local[variant]) for variant in keys.variants},
             modelfile=entry("modelfile", keys.modelfile, modelfile_path),
             verification=entry("verification", keys.verification, verification_path),
+            lora_gguf=entry("lora_gguf", keys.lora_gguf, lora_path) if target.options.lora_gguf else None,
             timings=timings, created_at=int(time.time()))
         manifest.write(store, keys.manifest)  # the commit marker
         return manifest
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         _remove_if_empty(work_dir.parent)
+
+
+def held_out_examples(context: JobContext, target: ExportTarget,
+                      count: int) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
+    """(the first ``count`` held-out conversations — the test split, else validation —, training conversations
+    for the importance matrix), read through the source job's ``DatasetManifest``."""
+    runtime = context.runtime
+    key = target.source.dataset_key
+    manifest = DatasetManifest.read(runtime.store, f"{key}/{DATASET_MANIFEST}") if key else None
+    if manifest is None:
+        return [], []
+    data_key = runtime.settings.data_encryption_key
+
+    def records(split: str, limit: int) -> list[list[dict[str, Any]]]:
+        entry = manifest.splits.get(split)  # type: ignore[call-overload]
+        if entry is None:
+            return []
+        rows = read_split_records(runtime.store, entry, data_key)
+        return [row["messages"] for row in rows if isinstance(row.get("messages"), list)][:limit]
+
+    held_out = records("test", count) or records("validation", count)
+    return held_out, records("train", IMATRIX_CONVERSATIONS)
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    return str(tokenizer.apply_chat_template(messages, tokenize=False))
+
+
+def run_fidelity_gate(context: JobContext, timings: dict[str, float], keys: ExportKeys, merged_dir: Path,
+                      local: dict[str, Path], family: Any, hf_tokenizer: Any,
+                      held_out: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """The GGUFs against the merged model on held-out prompts (``check_fidelity``); the figures, or None when the
+    job has no held-out conversation to compare on (said in an event)."""
+    from afina.exporter.fidelity import FidelityFailed, check_fidelity
+
+    settings = context.runtime.settings
+    prompts = [_prompt_of(messages) for messages in held_out]
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        context.event("No held-out conversation (test or validation split): the fidelity gate was skipped",
+                      level="warn")
+        return None
+    with _phase(context, timings, "fidelity") as note:
+        try:
+            fidelity = check_fidelity(
+                merged_dir=merged_dir, ggufs=local, family=family, prompts=prompts,
+                texts=[render(hf_tokenizer, messages) for messages in held_out], tokens=settings.fidelity_tokens,
+                min_agreement=settings.fidelity_min_agreement,
+                min_variant_agreement=settings.fidelity_min_variant_agreement,
+                max_perplexity_ratio=settings.fidelity_max_perplexity_ratio,
+                near_tie_margin=settings.fidelity_near_tie_margin, check_continue=context.check_continue)
+        except FidelityFailed as exc:
+            report = exc.report.model_dump(mode="json") if getattr(exc, "report", None) is not None else {}
+            context.runtime.store.put_bytes(keys.verification, orjson.dumps({"passed": False, "fidelity": report},
+                                                                             option=orjson.OPT_INDENT_2))
+            raise
+        figures = ", ".join(f"{variant} {values['agreement']:.2%}" for variant, values in fidelity.summary().items()
+                            if values.get("agreement") is not None)
+        note(f"Fidelity gate passed on {fidelity.prompts} held-out prompt(s): token agreement {figures}")
+    return fidelity.model_dump(mode="json")
+
+
+def _prompt_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation up to where the last assistant answer starts (what the model is asked to continue)."""
+    last = max((i for i, message in enumerate(messages) if message.get("role") == "assistant"), default=None)
+    if last is None or last == 0:
+        return []
+    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]]
 
 
 def preflight_disk(work_dir: Path, spec: BaseModelSpec) -> None:

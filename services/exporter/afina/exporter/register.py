@@ -11,19 +11,12 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from afina.core.artifacts import ServedArtifacts
+from afina.core.artifacts import HubPublication, OllamaRegistration, ServedArtifacts
 from afina.core.db import repository as repo
 from afina.core.db.models import Job, Model
+from afina.core.errors import ExportFailed
 from afina.core.naming import fine_tuned_model_name
 from afina.core.queue.jobs import JobContext
-from afina.core.runtime import Runtime
-
-
-def model_name_for(runtime: Runtime, job_id: str) -> str:
-    """The public name the job's model gets: ``ft:<base>:<tenant>:<suffix>:<job-id>``."""
-    with runtime.db.session() as session:
-        job = repo.get_job(session, None, job_id)
-        return fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
 
 
 def register_export(context: JobContext, served: ServedArtifacts, message: str) -> str:
@@ -55,3 +48,32 @@ def finish_registered(context: JobContext) -> str | None:
         return name
 
     return context.write(finish, "model registration check")
+
+
+def update_registration(context: JobContext, model_name: str, served: ServedArtifacts, message: str) -> None:
+    """A re-export: point the model's row at the new files and mark the export job succeeded, together."""
+    def update(session: Session, job: Job) -> None:
+        model = session.get(Model, model_name)
+        if model is None or model.tenant_id != job.tenant_id:
+            raise ExportFailed(f"model {model_name} was deleted while it was being exported")
+        model.artifacts = served.model_dump(mode="json")
+        job.fine_tuned_model = model_name
+        if job.status != "succeeded":
+            repo.set_status(session, job, "succeeded", message=message)
+
+    context.write(update, "model re-registration")
+
+
+def record_publication(context: JobContext, model_name: str, *, ollama: OllamaRegistration | None = None,
+                       hub: HubPublication | None = None) -> None:
+    """Keep what a publication did on the model's row (the model stays usable whatever it says)."""
+    def record(session: Session, job: Job) -> None:
+        model = session.get(Model, model_name)
+        if model is None or model.tenant_id != job.tenant_id:
+            return
+        if ollama is not None:
+            model.ollama = ollama.model_dump(mode="json")
+        if hub is not None:
+            model.hub = hub.model_dump(mode="json")
+
+    context.write(record, "publication record")

@@ -35,6 +35,7 @@ ERROR_MEANINGS = {
     404: "No such object for this API key's tenant (another tenant's objects answer exactly like missing ones).",
     409: "The object's state does not allow this (e.g. cancelling a job that already ended).",
     413: "The request body or the uploaded file is larger than the server's limit.",
+    416: "The `Range` asked for is not one range inside the file.",
     500: "Unexpected server fault; the message carries an error id to quote to the operator.",
     503: "A dependency (database, store, broker, inference backend) is temporarily unavailable; retry after "
          "`Retry-After` seconds.",

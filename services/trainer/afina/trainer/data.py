@@ -10,16 +10,13 @@ assistant reply is ``-100``; so is an assistant reply with ``weight: 0``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from pydantic import SecretStr
 
-from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, SplitFile
-from afina.core.datasets.at_rest import SCHEME as AT_REST_SCHEME
-from afina.core.datasets.at_rest import decrypt_bytes
+from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, SplitFile, read_split_records
+from afina.core.artifacts.manifest import ManifestInvalid
 from afina.core.errors import DatasetInvalid, TrainingFailed
 from afina.core.store import ArtifactStore
 
@@ -74,15 +71,10 @@ def load_prepared_dataset(store: ArtifactStore, dataset_key: str | None,
 
 
 def _read_split(store: ArtifactStore, entry: SplitFile, data_key: SecretStr | None) -> list[dict[str, Any]]:
-    data = store.get_bytes(entry.key)
-    if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise TrainingFailed(f"{entry.key} does not match the sha256 in its manifest; "
-                             f"the prepared dataset was changed after ingest")
-    if entry.encryption:
-        if entry.encryption != AT_REST_SCHEME:
-            raise TrainingFailed(f"{entry.key} is encrypted with {entry.encryption!r}, which this trainer cannot read")
-        data = decrypt_bytes(data, data_key)
-    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+    try:
+        return read_split_records(store, entry, data_key)
+    except ManifestInvalid as exc:
+        raise TrainingFailed(exc.message) from None
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_template: str,

@@ -9,6 +9,8 @@ One module per contract, one writer per manifest, every reader through these mod
 - ``export``: ``ExportManifest`` (every exported file with its size and sha256, the served variant,
   the Modelfile), written last by the exporter; ``ServedArtifacts``, the registry row's pointer to
   what the gateway serves.
+- ``export_options``: ``ExportOptions``, what a job or a re-export asks the exporter for (variants, the
+  served one, Ollama, the Hub); ``publish``: what the registry row records of each publication.
 
 Each manifest carries ``schema_version``; a reader upgrades an older one in ``_upgrade`` and refuses
 a newer one with a message, so a rolling upgrade never misreads a file.
@@ -17,9 +19,12 @@ a newer one with a message, so a rolling upgrade never misreads a file.
 from afina.core.artifacts.adapter import ADAPTER_MARKER, AdapterManifest, LoraSettings
 from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, DatasetSource, SplitFile
 from afina.core.artifacts.export import EXPORT_MANIFEST, ExportManifest, ServedArtifacts
+from afina.core.artifacts.export_options import ExportOptions, HubTarget, OllamaTarget
 from afina.core.artifacts.manifest import FileEntry, Manifest, ManifestInvalid
+from afina.core.artifacts.publish import HubPublication, OllamaRegistration
 
 __all__ = [
     "ADAPTER_MARKER", "DATASET_MANIFEST", "EXPORT_MANIFEST", "AdapterManifest", "DatasetManifest", "DatasetSource",
-    "ExportManifest", "FileEntry", "LoraSettings", "Manifest", "ManifestInvalid", "ServedArtifacts", "SplitFile",
+    "ExportManifest", "ExportOptions", "FileEntry", "HubPublication", "HubTarget", "LoraSettings", "Manifest",
+    "ManifestInvalid", "OllamaRegistration", "OllamaTarget", "ServedArtifacts", "SplitFile",
 ]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from afina.core.artifacts.manifest import FileEntry, Manifest
+from afina.core.artifacts.manifest import FileEntry, Manifest, ManifestInvalid
+from afina.core.store import ArtifactStore
 
 DATASET_MANIFEST = "manifest.json"
 SplitName = Literal["train", "validation", "test"]
@@ -73,3 +74,23 @@ class DatasetManifest(Manifest):
     def _upgrade(cls, version: int, data: dict[str, Any]) -> dict[str, Any]:
         # version 1 (before schema_version): the same fields, split entries without a guaranteed sha256
         return data
+
+
+def read_split_records(store: ArtifactStore, entry: SplitFile, data_key: SecretStr | None) -> list[dict[str, Any]]:
+    """One split's examples, checked against the manifest's sha256 and decrypted when ingest encrypted it at rest
+    (with ``Settings.data_encryption_key``); ``ManifestInvalid`` when the bytes are not what ingest committed."""
+    import hashlib
+
+    import orjson
+
+    from afina.core.datasets.at_rest import SCHEME, decrypt_bytes
+
+    data = store.get_bytes(entry.key)
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ManifestInvalid(f"{entry.key} does not match the sha256 in its manifest; the prepared dataset was "
+                              "changed after ingest")
+    if entry.encryption:
+        if entry.encryption != SCHEME:
+            raise ManifestInvalid(f"{entry.key} is encrypted with {entry.encryption!r}, which this worker cannot read")
+        data = decrypt_bytes(data, data_key)
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]

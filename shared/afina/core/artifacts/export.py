@@ -37,6 +37,7 @@ class ExportManifest(Manifest):
     gguf: dict[str, FileEntry] = Field(description="variant (f16, q8_0, q4_k_m, ...) -> its GGUF file")
     modelfile: FileEntry
     verification: FileEntry
+    lora_gguf: FileEntry | None = Field(None, description="the LoRA-only GGUF adapter, when the job asked for one")
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: int
 
@@ -51,7 +52,7 @@ class ExportManifest(Manifest):
         return {key: value for key, value in data.items() if key != "format"}
 
     def files(self) -> list[FileEntry]:
-        return [*self.gguf.values(), self.modelfile, self.verification]
+        return [*self.gguf.values(), self.modelfile, self.verification, *([self.lora_gguf] if self.lora_gguf else [])]
 
     def complete_in(self, store: ArtifactStore, variants: tuple[str, ...]) -> bool:
         """Every wanted variant is listed and every listed file is in the store with its size and sha256."""

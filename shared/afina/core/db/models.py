@@ -82,8 +82,13 @@ class Job(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # afina.core.training.TrainingConfig once the train stage sized the run: every number it trained with
     training_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # {"type": "supervised", "supervised": {"init_from": {...}}}: no hyperparameters (those are above)
+    # {"type": "supervised", "supervised": {"init_from": {...}}}: no hyperparameters (those are above);
+    # a re-export job: {"type": "export", "export": {"model": <name>, "source_job_id": <job>}}
     method: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # "fine_tune" (listed by /v1/fine_tuning/jobs) or "export" (POST /v1/models/{model}/exports)
+    kind: Mapped[str] = mapped_column(String(16), default="fine_tune", server_default="fine_tune", index=True)
+    # afina.core.artifacts.ExportOptions the job asked for (None: the defaults)
+    export_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(32), default="validating_files", index=True)
     stage: Mapped[str] = mapped_column(String(16), default="ingest")
@@ -137,6 +142,9 @@ class Model(Base):
     job_id: Mapped[str] = mapped_column(String(40), unique=True)
     artifacts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # afina.core.artifacts.publish records: where the model was published outside afina, and how that went
+    ollama: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    hub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class OutboxMessage(Base):

@@ -183,9 +183,11 @@ def get_job(session: Session, tenant_id: str | None, job_id: str, *, for_update:
     return row
 
 
-def list_jobs(session: Session, tenant_id: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
-    """Newest first; ``after`` is the id of the last job of the previous page."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
+def list_jobs(session: Session, tenant_id: str, after: str | None, limit: int,
+              kind: str = "fine_tune") -> tuple[list[Job], bool]:
+    """Newest first; ``after`` is the id of the last job of the previous page. Fine-tuning jobs by default
+    (``/v1/fine_tuning/jobs``); ``kind="export"`` lists re-exports."""
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.kind == kind)
     if after:
         anchor = get_job(session, tenant_id, after)
         query = query.where(or_(Job.created_at < anchor.created_at,

@@ -76,8 +76,9 @@ class ArtifactStore(ABC):
         """Store everything read from ``stream``; raise ``OverflowError`` past ``max_bytes`` (nothing kept)."""
 
     @abstractmethod
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
-        """Yield the object's bytes in chunks; ``ObjectMissing`` if absent."""
+    def iter_chunks(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Yield the object's bytes in chunks (``length`` bytes from ``start``, to the end when None);
+        ``ObjectMissing`` if absent. A ranged read serves HTTP range requests and resumed downloads."""
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:

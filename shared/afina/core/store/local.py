@@ -37,14 +37,22 @@ class LocalStore(ArtifactStore):
             raise
         return ObjectInfo(key=key, size=reader.size, sha256=reader.sha256)
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         path = self._path(key)
         try:
             handle = open(path, "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectMissing(f"no object {key!r}") from None
         with handle:
-            yield from iter(lambda: handle.read(CHUNK_BYTES), b"")
+            handle.seek(start)
+            left = length
+            while left is None or left > 0:
+                chunk = handle.read(CHUNK_BYTES if left is None else min(CHUNK_BYTES, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
 
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)

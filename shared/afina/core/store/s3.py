@@ -79,10 +79,11 @@ class S3Store(ArtifactStore):
             raise StoreError(f"could not write {key!r}: {exc.code}") from None
         return ObjectInfo(key=key, size=readers[-1].size, sha256=readers[-1].sha256)
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         validate_key(key)
         try:
-            response = self._call("read", lambda: self.client.get_object(self.bucket, key))
+            response = self._call("read", lambda: self.client.get_object(self.bucket, key, offset=start,
+                                                                       length=length or 0))
         except S3Error as exc:
             if exc.code in MISSING_CODES:
                 raise ObjectMissing(f"no object {key!r}") from None

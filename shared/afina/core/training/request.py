@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from afina.core.artifacts.export_options import ExportOptions
 from afina.core.errors import InvalidRequest
 from afina.core.training.spec import TrainingSpec, parse_training_spec
 
@@ -71,6 +72,9 @@ class FineTuningRequest(BaseModel):
         None, description="afina.core.training.TrainingSpec (OpenAI's deprecated place for them)")
     method: Method | None = None
     integrations: list[Any] | None = None
+    # afina's extension (the openai client sends it with extra_body={"export": {...}}): what to export and
+    # where to publish the model once trained
+    export: ExportOptions | None = None
 
     @field_validator("suffix")
     @classmethod

@@ -33,6 +33,7 @@ from afina.gateway.fine_tuning.protocol import (
     Page,
 )
 from afina.gateway.fine_tuning.protocol import JobEvent as JobEventObject
+from afina.gateway.models.exports import check_export_options, stored_options
 
 log = logging.getLogger("afina.gateway")
 SHARED_BASE_MODELS_PREFIX = "base-models/"
@@ -84,6 +85,7 @@ def _method(parent: Any) -> dict[str, Any]:
 def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> FineTuningJob:
     """Check everything the request says (model, hyperparameters, files) before a row is written."""
     training = request.training_spec()
+    check_export_options(runtime.settings, tenant_id, request.export)
     _check_model_access(request.model, tenant_id)  # before the store is read for the model's files
     parent = _fine_tuned_parent(runtime, tenant_id, request.model)
     base_model = parent.base_model if parent is not None else request.model
@@ -101,6 +103,7 @@ def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> F
                   base_model=ResolvedBaseModel.of(spec).model_dump(mode="json"),
                   training_file=request.training_file, validation_file=request.validation_file,
                   suffix=request.suffix, seed=seed, hyperparameters=training.requested(), method=_method(parent),
+                  export_options=stored_options(request.export),
                   user_metadata=request.metadata, status="validating_files", stage="ingest")
         session.add(job)
         session.flush()

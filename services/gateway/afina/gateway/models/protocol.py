@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -17,3 +17,50 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class ModelDeleted(BaseModel):
+    """OpenAI's answer to ``DELETE /v1/models/{model}``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+class ModelFile(BaseModel):
+    """One exported file of a model, downloadable (with HTTP range requests) at ``download_url``."""
+
+    object: Literal["model.file"] = "model.file"
+    filename: str
+    kind: Literal["gguf", "lora_adapter", "modelfile", "verification"]
+    variant: str | None = None
+    served: bool = False
+    bytes: int
+    sha256: str
+    download_url: str
+
+
+class ModelFileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelFile]
+
+
+class Publication(BaseModel):
+    """Where the model was published outside afina (afina.core.artifacts.publish)."""
+
+    ollama: dict[str, Any] | None = None
+    hub: dict[str, Any] | None = None
+
+
+class ModelExport(BaseModel):
+    """A re-export of a registered model (``POST /v1/models/{model}/exports``): a tracked job with events."""
+
+    id: str
+    object: Literal["model.export"] = "model.export"
+    model: str
+    status: str
+    created_at: int
+    finished_at: int | None
+    error: dict[str, Any] | None
+    options: dict[str, Any]
+    published: Publication
