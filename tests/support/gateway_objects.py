@@ -7,15 +7,18 @@ tenant for and what the API fuzzer reads back with real ids.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
+from afina.core import ids
 from afina.core.catalog import resolve_base_model
 from afina.core.datasets.layout import INGEST_ARTIFACTS, dataset_prefix, model_prefix
 from afina.core.db import repository as repo
+from afina.core.db.models import Job
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
 from afina.core.runtime import Runtime
 from tests.support.jobs import create_job, upload_file
@@ -39,6 +42,8 @@ class TenantObjects:
     model: str  # the registered fine-tune's public name
     checkpoint_models: list[str] = field(default_factory=list)
     store_model: str = ""  # store:// URI of the fine-tune's merged weights folder
+    export: str = ""  # a re-export job of the model (POST /v1/models/{model}/exports)
+    export_event: str = ""  # that export's event
 
 
 def _artifact_bytes(name: str) -> bytes:
@@ -68,7 +73,10 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
     gguf_key = f"{prefix}/model-q4_k_m.gguf"
     if with_gguf:
         runtime.store.put_file(gguf_key, Path(resolve_base_model(SMOLLM2).gguf_path()))
+    else:
+        runtime.store.put_bytes(gguf_key, b"GGUF placeholder of " + tenant.encode())
     runtime.store.put_bytes(f"{prefix}/merged/config.json", orjson.dumps({"model_type": "llama"}))
+    _write_export_manifest(runtime, tenant, job.id, name, gguf_key)
     with runtime.db.session() as session:
         file_row = repo.get_file(session, tenant, training.id)
         file_row.status, file_row.dataset_key = "processed", data_prefix
@@ -84,8 +92,14 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
                                            {"train_loss": 2.0 / step}).id for step in (1, 2)]
         repo.register_model(session, name=name, tenant_id=tenant, base_model=SMOLLM2, job_id=job.id,
                             artifacts=served_artifacts(tenant, job.id, {"q4_k_m": gguf_key}))
+        export = Job(id=ids.job_id(), tenant_id=tenant, model=SMOLLM2, training_file=training.id, seed=1,
+                     hyperparameters={}, kind="export", stage="done", status="succeeded",
+                     method={"type": "export", "export": {"model": name, "source_job_id": job.id}}, export_options={})
+        session.add(export)
+        session.flush()
+        export_event = repo.add_event(session, export.id, f"Export of {name} queued").id
     return TenantObjects(tenant=tenant, training_file=training.id, result_file=result.id, job=job.id, events=events,
-                         checkpoints=checkpoints, model=name,
+                         checkpoints=checkpoints, model=name, export=export.id, export_event=export_event,
                          checkpoint_models=[checkpoint_model_name(name, step) for step in (1, 2)],
                          store_model=f"store://{prefix}/merged")
 
@@ -95,6 +109,23 @@ def missing_like(value: str) -> str:
     import re
 
     return re.sub(r"[0-9a-f]{8,}", lambda match: secrets.token_hex(len(match.group()))[:len(match.group())], value)
+
+
+def _write_export_manifest(runtime: Runtime, tenant: str, job_id: str, name: str, gguf_key: str) -> None:
+    """The export manifest the exporter writes last, naming the files in the store."""
+    from afina.core.artifacts import ExportManifest, FileEntry
+    from afina.core.datasets.layout import adapter_prefix
+
+    prefix = model_prefix(tenant, job_id)
+    gguf = FileEntry(key=gguf_key, bytes=runtime.store.stat(gguf_key).size,
+                     sha256=hashlib.sha256(b"".join(runtime.store.iter_chunks(gguf_key))).hexdigest())
+    extra = {file: FileEntry.of(runtime.store.put_bytes(f"{prefix}/{file}", data))
+             for file, data in (("Modelfile", f"FROM ./model-q4_k_m.gguf\n# {tenant}\n".encode()),
+                                ("verification.json", b"{}"))}
+    ExportManifest.build(name=name, job_id=job_id, tenant_id=tenant, base_model=SMOLLM2, family="chatml",
+                         serve="q4_k_m", adapter=adapter_prefix(tenant, job_id), gguf={"f16": gguf, "q4_k_m": gguf},
+                         modelfile=extra["Modelfile"], verification=extra["verification.json"],
+                         created_at=1).write(runtime.store, f"{prefix}/manifest.json")
 
 
 def served_artifacts(tenant_id: str, job_id: str, gguf: dict[str, str], serve: str = "q4_k_m") -> dict:

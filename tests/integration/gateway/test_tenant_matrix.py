@@ -45,7 +45,12 @@ PATH_OBJECTS: dict[str, Objects] = {
     "file_id": FILES,
     "job_id": lambda t: [("job", t.job)],
     "model": lambda t: [("fine-tuned model", t.model)],
+    "export_id": lambda t: [("export", t.export)],
+    # a file of a model, named inside the model: every tenant's model has one of this name, so it is not
+    # tried as A's object (the model in the same path is)
+    "filename": lambda t: [("model file", "Modelfile")],
 }
+NOT_OBJECT_PATH = {"filename"}
 # query and header parameters that name an object, by (route path, parameter); B sends them on its own objects
 QUERY_OBJECTS: dict[tuple[str, str], Objects] = {
     ("/v1/files", "after"): FILES,
@@ -53,8 +58,9 @@ QUERY_OBJECTS: dict[tuple[str, str], Objects] = {
     ("/v1/fine_tuning/jobs/{job_id}/events", "after"): lambda t: [("event", t.events[1])],
     ("/v1/fine_tuning/jobs/{job_id}/events", "last-event-id"): lambda t: [("event", t.events[1])],
     ("/v1/fine_tuning/jobs/{job_id}/checkpoints", "after"): lambda t: [("checkpoint", t.checkpoints[0])],
+    ("/v1/models/{model}/exports/{export_id}/events", "after"): lambda t: [("export event", t.export_event)],
 }
-NOT_OBJECT_QUERY = {"limit", "order", "purpose", "stream", "format"}  # query parameters that name nothing
+NOT_OBJECT_QUERY = {"limit", "order", "purpose", "stream", "format", "range"}  # query/headers that name nothing
 # query values that take another code path, each tried with every path reference of the route
 QUERY_VARIANTS: dict[str, list[dict[str, str]]] = {
     "/v1/fine_tuning/jobs/{job_id}/events": [{}, {"stream": "true"}],
@@ -70,7 +76,10 @@ BODY_OBJECTS: dict[tuple[str, str], dict[str, Objects]] = {
                             "ingest_options.encryption.key_env": lambda t: [("key variable", A_KEY_ENV)]},
 }
 NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
-    ("POST", "/v1/fine_tuning/jobs"): {"suffix", "seed", "metadata", "hyperparameters", "method", "integrations"},
+    ("POST", "/v1/fine_tuning/jobs"): {"suffix", "seed", "metadata", "hyperparameters", "method", "integrations",
+                                       "export"},
+    # a re-export's options name no object: hub.token_env is checked against the operator's list for the tenant
+    ("POST", "/v1/models/{model}/exports"): {"quantizations", "serve", "imatrix", "lora_gguf", "ollama", "hub"},
     ("POST", "/v1/chat/completions"): {"messages", "temperature", "top_p", "max_tokens", "max_completion_tokens",
                                        "stop", "seed", "n", "presence_penalty", "frequency_penalty", "stream",
                                        "stream_options", "user", "tools"},
@@ -250,6 +259,8 @@ def cases(m: Matrix) -> list[Case]:
     for method, path, _route in api_routes(m.app):
         for variant in QUERY_VARIANTS.get(template(path), [{}]):
             for name in path_params(path):  # each path parameter in turn names A's objects, the others the owner's
+                if name in NOT_OBJECT_PATH:
+                    continue
                 for what, value in PATH_OBJECTS[name](m.a):
                     def build(chosen: str, owner: TenantObjects, method: str = method, path: str = path,
                               name: str = name, variant: dict[str, str] = variant) -> Request:

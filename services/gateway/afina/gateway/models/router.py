@@ -50,9 +50,11 @@ def download_model_file(model: str, filename: str, runtime: RuntimeDep, tenant: 
 
 
 @router.post("/{model}/exports", responses=error_responses(400, 404))
-def create_export(model: str, body: ExportOptions, runtime: RuntimeDep, tenant: TenantDep) -> ModelExport:
-    """Export the model again: other quantizations, Ollama registration, a Hub push (a tracked job)."""
-    return exports.create_export(runtime, tenant, model, body)
+def create_export(model: str, runtime: RuntimeDep, tenant: TenantDep,
+                  body: ExportOptions | None = None) -> ModelExport:
+    """Export the model again: other quantizations, Ollama registration, a Hub push (a tracked job); no body
+    exports it again with the defaults (and retries the publications they call for)."""
+    return exports.create_export(runtime, tenant, model, body or ExportOptions())
 
 
 @router.get("/{model}/exports/{export_id}", responses=error_responses(404))
