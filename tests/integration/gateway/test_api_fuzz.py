@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -226,6 +227,16 @@ def test_a_nul_character_in_an_upload_filename_is_dropped(fuzzed: Fuzzed) -> Non
                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 200, response.text
     assert response.json()["filename"] == "train.jsonl"
+
+
+@pytest.mark.parametrize("name", ["a\nb", "\n", "ft:x:y\r\nz", "org/a\nb/files"])
+def test_a_model_name_with_a_line_break_is_a_404_not_a_405(fuzzed: Fuzzed, name: str) -> None:
+    """Starlette's ``{model:path}`` stopped at a newline that ``DELETE /v1/models/{model}`` took: a GET of such
+    a name matched only the DELETE route and answered an undocumented 405."""
+    with client(fuzzed) as http:
+        response = http.get(f"/v1/models/{quote(name, safe='/')}")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
 
 
 def test_an_event_stream_refuses_after(fuzzed: Fuzzed) -> None:

@@ -11,11 +11,25 @@ form field) calls ``check_no_nul``.
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.convertors import CONVERTOR_TYPES, PathConvertor
 
 from afina.core.errors import InvalidRequest
 from afina.core.training.request import NUL, NUL_MESSAGE, NulFreeStr
 
-__all__ = ["NUL", "NUL_MESSAGE", "NulFreeStr", "check_no_nul", "refuse_nul_params"]
+__all__ = ["MODEL_NAME_PATH", "NUL", "NUL_MESSAGE", "NulFreeStr", "check_no_nul", "refuse_nul_params"]
+
+
+class _AnyTextPath(PathConvertor):
+    """Starlette's ``path`` (``.*``) stops at a newline, while a plain ``{param}`` (``[^/]+``) takes one: a
+    model name holding a decoded ``%0A`` then matched only ``DELETE /v1/models/{model}`` and a GET of it
+    answered 405. This one takes every character, so such a name reaches the lookup and answers 404."""
+
+    regex = r"[\s\S]*"
+
+
+# registered once under its own name (Starlette's table of convertors is process-wide, keyed by name)
+MODEL_NAME_PATH = "afina_any_text"
+CONVERTOR_TYPES.setdefault(MODEL_NAME_PATH, _AnyTextPath())
 
 
 def check_no_nul(name: str, value: str | None) -> None:

@@ -15,13 +15,13 @@ from afina.gateway.fine_tuning import service as fine_tuning
 from afina.gateway.fine_tuning.protocol import JobEvent, Page
 from afina.gateway.models import exports, files, service
 from afina.gateway.models.protocol import ModelDeleted, ModelExport, ModelFileList, ModelList, ModelObject
-from afina.gateway.params import refuse_nul_params
+from afina.gateway.params import MODEL_NAME_PATH, refuse_nul_params
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(refuse_nul_params)])
 Limit = Annotated[int, Query(ge=1, le=100)]
 GGUF_MEDIA_TYPE = "application/octet-stream"
 
-# the routes under a model come before ``/{model:path}``, which would swallow them
+# the routes under a model come before the catch-all ``/{model}`` of any path, which would swallow them
 
 
 @router.get("", responses=error_responses())
@@ -75,7 +75,7 @@ def delete_model(model: str, runtime: RuntimeDep, tenant: TenantDep) -> ModelDel
     return exports.delete_model(runtime, tenant, model)
 
 
-@router.get("/{model:path}", responses=error_responses(404))
+@router.get(f"/{{model:{MODEL_NAME_PATH}}}", responses=error_responses(404))
 def retrieve_model(model: str, runtime: RuntimeDep, tenant: TenantDep) -> ModelObject:
-    """``{model:path}``: aliases such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` contain a slash."""
+    """Any rest of the path: names such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` contain a slash."""
     return service.get_model(runtime, tenant, model)
