@@ -20,6 +20,7 @@ from afina.core.datasets.layout import INGEST_ARTIFACTS, dataset_prefix, model_p
 from afina.core.db import repository as repo
 from afina.core.db.models import Job
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
+from afina.core.routing import RouteSpec, RouteTarget
 from afina.core.runtime import Runtime
 from tests.support.jobs import create_job, upload_file
 
@@ -44,6 +45,7 @@ class TenantObjects:
     store_model: str = ""  # store:// URI of the fine-tune's merged weights folder
     export: str = ""  # a re-export job of the model (POST /v1/models/{model}/exports)
     export_event: str = ""  # that export's event
+    route: str = ""  # a route (alias) whose one target is the fine-tune
 
 
 def _artifact_bytes(name: str) -> bytes:
@@ -98,10 +100,12 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
         session.add(export)
         session.flush()
         export_event = repo.add_event(session, export.id, f"Export of {name} queued").id
+        route = f"alias-{secrets.token_hex(6)}"
+        repo.put_route(session, tenant, route, RouteSpec(targets=[RouteTarget(model=name)]).to_row())
     return TenantObjects(tenant=tenant, training_file=training.id, result_file=result.id, job=job.id, events=events,
                          checkpoints=checkpoints, model=name, export=export.id, export_event=export_event,
                          checkpoint_models=[checkpoint_model_name(name, step) for step in (1, 2)],
-                         store_model=f"store://{prefix}/merged")
+                         store_model=f"store://{prefix}/merged", route=route)
 
 
 def missing_like(value: str) -> str:

@@ -238,6 +238,31 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _routes(args: argparse.Namespace) -> int:
+    import json
+
+    from afina.cli import routes
+    from afina.cli.datasets import CliError
+
+    try:
+        base_url, api_key = connection(args.home)
+        if args.routes_command == "list":
+            for route in routes.list_routes(base_url, api_key):
+                print(routes.describe(route))
+        elif args.routes_command == "show":
+            print(json.dumps(routes.get_route(base_url, api_key, args.name), indent=2, ensure_ascii=False))
+        elif args.routes_command == "delete":
+            routes.delete_route(base_url, api_key, args.name)
+            print(f"deleted {args.name}")
+        else:
+            spec = routes.route_spec(args.target, args.fallback, args.system, args.option, args.timeout, args.file)
+            print(routes.describe(routes.set_route(base_url, api_key, args.name, spec)))
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afina", description=__doc__)
     parser.add_argument("--home", type=Path, default=default_home(), help="state directory (AFINA_HOME)")
@@ -325,6 +350,26 @@ def build_parser() -> argparse.ArgumentParser:
     pull_cmd.add_argument("--quant", default=None, help="the variant (default: the served one)")
     pull_cmd.add_argument("-o", "--output", type=Path, default=None)
     pull_cmd.set_defaults(run=_pull)
+
+    routes = commands.add_parser("routes", help="aliases with A/B splits and fallbacks (apps call them by name)")
+    routes_commands = routes.add_subparsers(dest="routes_command", required=True)
+    routes_commands.add_parser("list", help="every route of your tenant").set_defaults(run=_routes)
+    for verb, text in (("show", "one route, as JSON"), ("delete", "remove a route")):
+        command = routes_commands.add_parser(verb, help=text)
+        command.add_argument("name")
+        command.set_defaults(run=_routes)
+    put = routes_commands.add_parser("set", help="create a route or replace it (moving an alias is one call)")
+    put.add_argument("name")
+    put.add_argument("--target", action="append", default=[], metavar="[UPSTREAM::]MODEL[@WEIGHT]",
+                     help="a model sharing the traffic by weight (repeat for an A/B split)")
+    put.add_argument("--fallback", action="append", default=[], metavar="[UPSTREAM::]MODEL",
+                     help="tried in order when the chosen target is down, slow or overloaded")
+    put.add_argument("--system", default=None, help="the system prompt when a request has none")
+    put.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                     help="a sampling default: temperature, top_p, top_k, max_tokens, stop, seed, repeat_penalty")
+    put.add_argument("--timeout", type=float, default=None, help="seconds before the next fallback takes over")
+    put.add_argument("-f", "--file", type=Path, default=None, help="the route as YAML or JSON")
+    put.set_defaults(run=_routes)
     return parser
 
 

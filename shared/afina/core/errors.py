@@ -129,6 +129,35 @@ class InferenceUnavailable(AfinaError):
     code = "model_unavailable"
 
 
+class Overloaded(AfinaError):
+    """Too many requests in flight or waiting (a model's queue is full, a key's rate limit is spent):
+    answered 429 with ``Retry-After``; the same call succeeds once the load passes."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamFailed(AfinaError):
+    """Every backend that could answer for a model failed (down, refused, 5xx) and no fallback was left."""
+
+    http_status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(AfinaError):
+    """The model's backend did not answer in time and no fallback was left."""
+
+    http_status = 504
+    error_type = "server_error"
+    code = "upstream_timeout"
+
+
 class LeaseLost(Exception):
     """This worker no longer owns the job (it stalled and another took over): it must stop writing to it.
 

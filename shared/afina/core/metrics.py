@@ -65,10 +65,32 @@ STAGES_REQUEUED = Counter("afina_stages_requeued_total",
 HTTP_REQUESTS = Counter("afina_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_SECONDS = Histogram("afina_http_request_seconds", "HTTP request latency", ["route", "method"])
 INFERENCE_TOKENS = Counter("afina_inference_tokens_total", "Tokens served", ["kind"])
+# the gateway's inference, labelled by model and route through ``bounded_label`` (a tenant with thousands of
+# models must not make thousands of series: past ``LABEL_VALUES_MAX`` values a label reads "other")
+GATEWAY_QUEUE_WAIT = Histogram("afina_inference_queue_wait_seconds", "Time a request waited for a model's slot",
+                               ["model"])
+GATEWAY_FALLBACKS = Counter("afina_inference_fallbacks_total",
+                            "Requests a route's next target answered because the one before failed",
+                            ["route", "failed_target"])
+GATEWAY_UPSTREAM_ERRORS = Counter("afina_inference_upstream_errors_total",
+                                  "Failed calls to a backend, by backend and HTTP-like status", ["backend", "status"])
+LABEL_VALUES_MAX = 200
 FILES_UPLOADED_BYTES = Counter("afina_files_uploaded_bytes_total", "Bytes accepted by /v1/files")
 
 
 _phases_seen: set[str] = set(JOB_PHASES)
+_label_values: dict[str, set[str]] = {}
+
+
+def bounded_label(family: str, value: str) -> str:
+    """``value`` while the label ``family`` has seen fewer than ``LABEL_VALUES_MAX`` values, else "other"."""
+    seen = _label_values.setdefault(family, set())
+    if value in seen:
+        return value
+    if len(seen) >= LABEL_VALUES_MAX:
+        return "other"
+    seen.add(value)
+    return value
 
 
 def set_job_phase(phase: str) -> None:

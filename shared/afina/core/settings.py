@@ -12,10 +12,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"", "minioadmin", "changeme", "admin", "password", "secret", "afina"})
+
+
+class UpstreamConfig(BaseModel):
+    """An inference server the gateway forwards to (``AFINA_UPSTREAMS``, by name): a cloud provider or a
+    vLLM with an OpenAI-compatible API, or an Ollama. Its key is read from the environment variable
+    ``api_key_env`` names, when the gateway starts; a route names the upstream, never the key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["openai", "ollama"] = "openai"
+    base_url: str = Field(description="ends in /v1 for an OpenAI-compatible server; the root for an Ollama")
+    api_key_env: str | None = None
+    timeout_s: float = 120.0  # to the first byte of an answer (a stream then runs as long as it streams)
+    max_concurrency: int = 64  # requests in flight to this upstream, per model
 
 
 class Settings(BaseSettings):
@@ -64,8 +78,19 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str | None = None
 
-    # inference
-    inference_backend: Literal["inprocess", "llamacpp-server"] = "inprocess"
+    # inference: afina's own GGUF files run in process or in one llama.cpp server per model; with "ollama",
+    # a model the exporter registered in Ollama (``ollama_url``) is served by that Ollama, the rest in process
+    inference_backend: Literal["inprocess", "llamacpp-server", "ollama"] = "inprocess"
+    # OpenAI-compatible or Ollama servers a route may name as a target's ``upstream`` (cloud first, local after)
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    # how long a model stays loaded after its last call (Ollama's keep_alive; a request may say otherwise;
+    # negative: until evicted)
+    keep_alive_s: float = 300.0
+    # per model: requests generating at once, requests waiting beyond those (past it: 429 with Retry-After),
+    # and how long one may wait for its turn (past it: 503 with Retry-After); never an unbounded pile-up
+    model_max_concurrency: int = 4
+    model_max_queue: int = 64
+    model_queue_timeout_s: float = 60.0
     llamacpp_server_base_port: int = 18400
     inference_n_ctx: int = 2048
     inference_threads: int | None = None

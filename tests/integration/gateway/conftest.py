@@ -63,6 +63,26 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     served.runtime.db.dispose()
 
 
+@pytest.fixture(scope="package")
+def fine_tune(gateway: Gateway) -> str:
+    """A registered fine-tune of acme whose served artifact is the SmolLM2 GGUF, put into the store."""
+    from afina.core.catalog import resolve_base_model
+    from afina.core.datasets.layout import model_prefix
+    from afina.core.db import repository as repo
+    from afina.core.naming import fine_tuned_model_name
+    from tests.support.gateway_objects import served_artifacts
+
+    job_id = "ftjob-" + "ab" * 12
+    name = fine_tuned_model_name(SMOLLM2, "acme", "greeter", job_id)
+    key = f"{model_prefix('acme', job_id)}/model-q4_k_m.gguf"
+    gateway.runtime.store.put_file(key, resolve_base_model(SMOLLM2).gguf_path())
+    with gateway.runtime.db.session() as session:
+        repo.register_model(session, name=name, tenant_id="acme", base_model=SMOLLM2, job_id=job_id,
+                            artifacts=served_artifacts("acme", job_id, {"q4_k_m": key, "q8_0": key + ".missing",
+                                                                        "f16": key + ".missing"}))
+    return name
+
+
 @pytest.fixture
 def acme(gateway: Gateway):  # noqa: ANN201 - openai.OpenAI
     return gateway.client("acme")

@@ -239,6 +239,23 @@ def test_a_model_name_with_a_line_break_is_a_404_not_a_405(fuzzed: Fuzzed, name:
     assert response.json()["error"]["code"] == "model_not_found"
 
 
+def test_a_catalog_model_without_servable_weights_is_a_404(fuzzed: Fuzzed) -> None:
+    """A base model afina can train but has no GGUF of (Mistral 7B here) answered 503, a server error."""
+    with client(fuzzed) as http:
+        response = http.post("/v1/chat/completions", json={"model": "mistral:7b", "messages": [
+            {"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_an_embedding_input_past_its_limit_is_a_400_not_a_413(fuzzed: Fuzzed) -> None:
+    """An input of any length made the body too large before it was found too long (413, not a refusal)."""
+    with client(fuzzed) as http:
+        response = http.post("/v1/embeddings", json={"model": SMOLLM2, "input": "x" * 100_001})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "input"
+
+
 def test_an_event_stream_refuses_after(fuzzed: Fuzzed) -> None:
     """``after`` pages the newest-first list; the stream ignored it and sent every event."""
     with client(fuzzed) as http:

@@ -7,6 +7,7 @@ path in its traceback, so the canary is in the log tail, and must reach neither 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -18,8 +19,11 @@ import pytest
 
 from afina.core.datasets.layout import model_prefix
 from afina.core.db import repository as repo
+from afina.core.errors import InferenceUnavailable
 from afina.core.logging import JsonFormatter, KeyValueFormatter
 from afina.core.naming import fine_tuned_model_name
+from afina.gateway.inference.base import GenerationRequest, ServedModel
+from afina.gateway.inference.llamacpp_server import LlamaServerBackend
 from tests.integration.gateway.conftest import SMOLLM2, Gateway, make_settings, start_gateway
 from tests.support.gateway_objects import served_artifacts
 from tests.support.servers import free_port
@@ -74,3 +78,26 @@ def test_a_server_that_cannot_start_answers_503_with_an_error_id(broken_model_ga
         line = formatter.format(failures[0])
         assert found.group(1) in line and "Failed to load model" in line
         assert CANARY not in line and "AFINA_S3_SECRET_KEY=***" in line
+
+
+def test_the_backend_answers_a_server_that_cannot_start_with_an_error_id(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The same promise, of the backend driven directly (no gateway in between)."""
+    cache = tmp_path / f"AFINA_S3_SECRET_KEY={CANARY}" / "models"
+    cache.mkdir(parents=True)
+    broken = cache / "model-q4_k_m.gguf"
+    broken.write_bytes(b"NOT A GGUF " * 64)
+    backend = LlamaServerBackend(make_settings(tmp_path / "home", inference_backend="llamacpp-server",
+                                               llamacpp_server_base_port=free_port()))
+    request = GenerationRequest(model=ServedModel(name="broken", path=broken), messages=MESSAGES)
+    caplog.set_level(logging.INFO, logger="afina")
+
+    with pytest.raises(InferenceUnavailable) as caught:
+        asyncio.run(backend.generate(request))
+
+    message = caught.value.message
+    assert message.startswith("The model could not be started; error id err_")
+    assert CANARY not in message and "/" not in message
+    failure = next(record for record in caplog.records if record.getMessage() == "llamacpp_server.start_failed")
+    assert failure.fields["error_id"] in message and "Failed to load model" in failure.fields["log_tail"]
+    assert asyncio.run(backend.loaded()) == []  # nothing left running

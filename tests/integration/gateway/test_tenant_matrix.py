@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from afina.core.datasets.options import IngestOptions
+from afina.gateway.params import MODEL_NAME_PATH
 from tests.integration.gateway.conftest import SMOLLM2, Gateway, make_settings, start_gateway
 from tests.support.gateway_objects import TRAINING_JSONL, TenantObjects, missing_like, seed_tenant_objects
 from tests.support.servers import fresh_postgres_database
@@ -49,8 +50,12 @@ PATH_OBJECTS: dict[str, Objects] = {
     # a file of a model, named inside the model: every tenant's model has one of this name, so it is not
     # tried as A's object (the model in the same path is)
     "filename": lambda t: [("model file", "Modelfile")],
+    "name": lambda t: [("route", t.route)],
 }
 NOT_OBJECT_PATH = {"filename"}
+# a PUT names the caller's own route, creating it: A's route name is B's to take (routes are per tenant); what
+# the route's body names is checked below
+CREATED_BY_PATH = {("PUT", "/v1/routes/{name}")}
 # query and header parameters that name an object, by (route path, parameter); B sends them on its own objects
 QUERY_OBJECTS: dict[tuple[str, str], Objects] = {
     ("/v1/files", "after"): FILES,
@@ -66,12 +71,25 @@ QUERY_VARIANTS: dict[str, list[dict[str, str]]] = {
     "/v1/fine_tuning/jobs/{job_id}/events": [{}, {"stream": "true"}],
     "/v1/files/{file_id}/ingest/preview": [{}, {"format": "html"}],
 }
+MODELS: Objects = lambda t: [("fine-tuned model", t.model), ("route", t.route)]  # noqa: E731 - what serves
+ROUTE = f"/v1/routes/{{name:{MODEL_NAME_PATH}}}"
+# the Ollama API's inference routes (not in the OpenAPI document, so only here): each names a model or route
+OLLAMA_MODEL_ROUTES = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
+# a delete through Ollama's API would race the matrix's own delete of A's model: test_ollama_surface checks that
+# B's delete of A's model answers like a missing one and leaves it in place
+DELETE_TESTED_ELSEWHERE = {("DELETE", "/api/delete")}
 # body fields (JSON fields, form fields, ``ingest_options`` fields) that name an object, by route
 BODY_OBJECTS: dict[tuple[str, str], dict[str, Objects]] = {
     ("POST", "/v1/fine_tuning/jobs"): {
         "model": lambda t: [("fine-tuned model", t.model), ("store model", t.store_model)],
         "training_file": FILES, "validation_file": FILES},
-    ("POST", "/v1/chat/completions"): {"model": lambda t: [("fine-tuned model", t.model)]},
+    ("POST", "/v1/chat/completions"): {"model": MODELS},
+    ("POST", "/v1/completions"): {"model": MODELS},
+    ("POST", "/v1/embeddings"): {"model": MODELS},
+    # a route's targets name models (a route is no target): another tenant's is refused like a missing one
+    ("PUT", ROUTE): {"targets.model": lambda t: [("fine-tuned model", t.model)],
+                     "fallbacks.model": lambda t: [("fine-tuned model", t.model)]},
+    **{("POST", path): {"model": MODELS} for path in OLLAMA_MODEL_ROUTES},
     ("POST", "/v1/files"): {"ingest_options.base_model": lambda t: [("store model", t.store_model)],
                             "ingest_options.encryption.key_env": lambda t: [("key variable", A_KEY_ENV)]},
 }
@@ -82,7 +100,13 @@ NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/models/{model}/exports"): {"quantizations", "serve", "imatrix", "lora_gguf", "ollama", "hub"},
     ("POST", "/v1/chat/completions"): {"messages", "temperature", "top_p", "max_tokens", "max_completion_tokens",
                                        "stop", "seed", "n", "presence_penalty", "frequency_penalty", "stream",
-                                       "stream_options", "user", "tools"},
+                                       "stream_options", "user", "tools", "top_k", "min_p", "repeat_penalty",
+                                       "response_format"},
+    ("POST", "/v1/completions"): {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                                  "repeat_penalty", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+                                  "stream", "stream_options", "echo", "logprobs", "suffix", "best_of", "user"},
+    ("POST", "/v1/embeddings"): {"input", "encoding_format", "dimensions", "user"},
+    ("PUT", ROUTE): {"system", "options", "timeout_s"},
     ("POST", "/v1/files"): {"file", "purpose", "ingest_options"},
 }
 # ingest_options (a JSON form field) names objects too: each of its fields is classified like a body field
@@ -143,7 +167,11 @@ def unclassified(app: FastAPI) -> list[str]:
         problems += [f"{method} {path}: path parameter {name!r} has no entry in PATH_OBJECTS"
                      for name in path_params(path) if name not in PATH_OBJECTS]
         if template(path) not in document["paths"]:
-            continue  # not in the API's document (/metrics): it takes no parameter (checked just above)
+            # not in the API's document (/metrics, Ollama's /api): a body it reads must be classified here
+            if getattr(_route, "body_field", None) is not None and (method, path) not in BODY_OBJECTS \
+                    and (method, path) not in DELETE_TESTED_ELSEWHERE:
+                problems.append(f"{method} {path}: its body is not in BODY_OBJECTS")
+            continue
         params, body = operation_fields(document, method, path)
         problems += [f"{method} {path}: query/header parameter {name!r} is in neither QUERY_OBJECTS nor "
                      f"NOT_OBJECT_QUERY" for name in params
@@ -225,12 +253,14 @@ def matrix(tmp_path_factory: pytest.TempPathFactory, postgres_admin_url: str) ->
 
 
 def _fill(path: str, values: dict[str, str]) -> str:
+    import re
     from urllib.parse import quote
 
-    for name in path_params(path):
-        path = path.replace(f"{{{name}:path}}", quote(values[name], safe="/:")).replace(
-            f"{{{name}}}", quote(values[name], safe=":"))
-    return path
+    def value(match: re.Match[str]) -> str:
+        # a parameter with a convertor (``{model:path}``) may hold slashes; a plain one may not
+        return quote(values[match.group(1)], safe="/:" if match.group(2) else ":")
+
+    return re.sub(r"\{(\w+)(:\w+)?\}", value, path)
 
 
 def _own(tenant: TenantObjects, path: str) -> dict[str, str]:
@@ -246,6 +276,18 @@ def _body(method: str, path: str, owner: TenantObjects, field_name: str, value: 
     if path == "/v1/chat/completions":
         return Request(method, path, json={"model": value, "max_tokens": 1, "temperature": 0,
                                            "messages": [{"role": "user", "content": "Say hi."}]})
+    if path == "/v1/completions":
+        return Request(method, path, json={"model": value, "prompt": "1, 2,", "max_tokens": 1})
+    if path == "/v1/embeddings":
+        return Request(method, path, json={"model": value, "input": "hi", "encoding_format": "float"})
+    if path == ROUTE:
+        target = {"targets": [{"model": SMOLLM2}], field_name.split(".")[0]: [{"model": value}]}
+        return Request(method, "/v1/routes/matrix-route", json=target)
+    if path in OLLAMA_MODEL_ROUTES:
+        body = {"model": value, "stream": False, "options": {"num_predict": 1}}
+        extra = {"/api/chat": {"messages": [{"role": "user", "content": "Say hi."}]}, "/api/generate": {"prompt": "hi"},
+                 "/api/embed": {"input": "hi"}, "/api/embeddings": {"prompt": "hi"}}
+        return Request(method, path, json={**body, **extra.get(path, {})})
     if path == "/v1/files":
         options: dict[str, Any] = {"base_model": value}
         if field_name == "ingest_options.encryption.key_env":
@@ -259,7 +301,7 @@ def cases(m: Matrix) -> list[Case]:
     for method, path, _route in api_routes(m.app):
         for variant in QUERY_VARIANTS.get(template(path), [{}]):
             for name in path_params(path):  # each path parameter in turn names A's objects, the others the owner's
-                if name in NOT_OBJECT_PATH:
+                if name in NOT_OBJECT_PATH or (method, template(path)) in CREATED_BY_PATH:
                     continue
                 for what, value in PATH_OBJECTS[name](m.a):
                     def build(chosen: str, owner: TenantObjects, method: str = method, path: str = path,

@@ -98,6 +98,7 @@ def test_http_exceptions_keep_their_status(client: TestClient) -> None:
     (("body", "suffix"), "suffix"),
     (("body", "hyperparameters", "n_epochs"), "hyperparameters.n_epochs"),
     (("body", "stop", "list[str]", 0), "stop.0"),
+    (("body", "input", "constrained-str"), "input"),
     (("query", "limit"), "limit"),
     (("body",), "body"),
 ])

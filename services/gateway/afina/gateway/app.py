@@ -18,14 +18,22 @@ from afina.core.runtime import Runtime
 from afina.core.scratch import sweep_stale_scratch
 from afina.core.settings import get_settings
 from afina.gateway.chat.router import router as chat_router
+from afina.gateway.completions.router import router as completions_router
+from afina.gateway.embeddings.router import router as embeddings_router
 from afina.gateway.errors import install_error_handlers, log
 from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
-from afina.gateway.inference import open_backend
 from afina.gateway.inference.files import ModelFileCache
 from afina.gateway.limits import RequestLimitsMiddleware
 from afina.gateway.middleware import MetricsMiddleware
 from afina.gateway.models.router import router as models_router
+from afina.gateway.ollama.router import root_router as ollama_root_router
+from afina.gateway.ollama.router import router as ollama_router
+from afina.gateway.routes.router import router as routes_router
+from afina.gateway.serving.backends import Backends
+from afina.gateway.serving.dispatch import Dispatcher
+from afina.gateway.serving.limiter import ModelLimiter
+from afina.gateway.serving.resolve import Resolver
 
 VERSION = "0.1.0"
 
@@ -33,7 +41,11 @@ VERSION = "0.1.0"
 def create_app(runtime: Runtime | None = None) -> FastAPI:
     """A gateway on ``runtime`` (by default one built from the environment's settings)."""
     runtime = runtime or Runtime(get_settings())
-    backend = open_backend(runtime.settings)
+    settings = runtime.settings
+    backends = Backends(settings)
+    resolver = Resolver(runtime, ModelFileCache(runtime), serve_from_ollama=backends.serves_from_ollama)
+    dispatcher = Dispatcher(resolver, backends, ModelLimiter(max_queue=settings.model_max_queue,
+                                                             queue_timeout_s=settings.model_queue_timeout_s))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -43,24 +55,27 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await backend.close()
+            await backends.close()
             log_event(log, "gateway.stopped")
 
     # the API's own map (/docs, /redoc, /openapi.json) only where the operator wants it: local mode, or
     # AFINA_EXPOSE_DOCS=true; off, each answers 404 like any unknown path
     docs = runtime.settings.docs_enabled
     app = FastAPI(title="afina gateway", version=VERSION, lifespan=lifespan,
-                  description="OpenAI-compatible fine-tuning and inference API",
+                  description="OpenAI-compatible fine-tuning and inference API; Ollama's native API under /api",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
-    app.state.backend = backend
-    app.state.model_files = ModelFileCache(runtime)
+    app.state.dispatcher = dispatcher
     install_error_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, settings=runtime.settings)  # key and body size before the body
     app.add_middleware(MetricsMiddleware)
-    for router in (files_router, fine_tuning_router, models_router, chat_router):
+    for router in (files_router, fine_tuning_router, models_router, chat_router, completions_router,
+                   embeddings_router, routes_router):
         app.include_router(router)
+    # Ollama's API has no OpenAPI document of its own; afina's would only restate docs/api.md
+    app.include_router(ollama_router, include_in_schema=False)
+    app.include_router(ollama_root_router)
 
     @app.get("/health", tags=["ops"])
     def health() -> dict[str, str]:

@@ -9,20 +9,21 @@ from fastapi import Depends, Header, Request
 from afina.core.db import repository as repo
 from afina.core.errors import AuthenticationFailed
 from afina.core.runtime import Runtime
-from afina.gateway.inference import InferenceBackend
-from afina.gateway.inference.files import ModelFileCache
+from afina.gateway.serving.dispatch import Dispatcher
+from afina.gateway.serving.headers import END_USER_HEADER
 
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_backend(request: Request) -> InferenceBackend:
-    return request.app.state.backend
+def get_dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
 
 
-def get_model_files(request: Request) -> ModelFileCache:
-    return request.app.state.model_files
+def end_user(request: Request) -> str | None:
+    """The end user an A/B split keeps on one side (``x-afina-user``; a body's ``user`` field also works)."""
+    return request.headers.get(END_USER_HEADER) or None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -36,8 +37,8 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-BackendDep = Annotated[InferenceBackend, Depends(get_backend)]
-ModelFilesDep = Annotated[ModelFileCache, Depends(get_model_files)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+EndUserDep = Annotated[str | None, Depends(end_user)]
 
 
 def current_tenant(runtime: RuntimeDep,

@@ -36,7 +36,11 @@ ERROR_MEANINGS = {
     409: "The object's state does not allow this (e.g. cancelling a job that already ended).",
     413: "The request body or the uploaded file is larger than the server's limit.",
     416: "The `Range` asked for is not one range inside the file.",
+    429: "Too many requests: the model's queue is full or the key's rate limit is spent; retry after "
+         "`Retry-After` seconds.",
     500: "Unexpected server fault; the message carries an error id to quote to the operator.",
+    502: "The model's backend failed and no fallback of its route could answer.",
+    504: "The model's backend did not answer in time and no fallback of its route could answer.",
     503: "A dependency (database, store, broker, inference backend) is temporarily unavailable; retry after "
          "`Retry-After` seconds.",
 }
@@ -45,6 +49,8 @@ ERROR_MEANINGS = {
 OTHER_CLIENT_ERROR = "Another client error (a limit or a check in front of the route), in the same shape."
 HEADERS = {
     401: {"WWW-Authenticate": {"description": "Always `Bearer`.", "schema": {"type": "string"}, "required": True}},
+    429: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"},
+                          "required": True}},
     503: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"},
                           "required": True}},
 }

@@ -9,6 +9,7 @@ nothing about the fault (the log has it, with secrets redacted).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from afina.core.errors import AfinaError
+from afina.core.errors import AfinaError, Overloaded
 from afina.core.logging import log_event, new_error_id
 from afina.core.transient import is_transient
 
@@ -45,13 +46,14 @@ def error_response(request: Request, status: int, message: str, *, error_type: s
 
 def validation_param(location: tuple[Any, ...]) -> str | None:
     """``("body", "hyperparameters", "n_epochs")`` → ``"hyperparameters.n_epochs"``; pydantic's union
-    branch tags (``"int"``, ``"literal['auto']"``, ``"function-after[...]"``) are dropped."""
+    branch tags (``"int"``, ``"constrained-str"``, ``"literal['auto']"``, ``"function-after[...]"``) are dropped."""
     parts = [str(part) for part in location[1:] if not _is_union_tag(part)]
     return ".".join(parts) or (str(location[0]) if location else None)
 
 
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "bool", "dict", "list"})
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-")
+                                      or part in {"int", "float", "str", "bool", "dict", "list"})
 
 
 async def _afina_error(request: Request, exc: Exception) -> JSONResponse:
@@ -59,6 +61,8 @@ async def _afina_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
     if exc.http_status == 503:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     if exc.http_status >= 500:
         log_event(log, "request.failed", logging.WARNING, path=request.url.path, code=exc.code, message=exc.message)
     return error_response(request, exc.http_status, exc.message, error_type=exc.error_type, param=exc.param,

@@ -147,6 +147,18 @@ class Model(Base):
     hub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class Route(Base):
+    """A public name the gateway resolves to models (``afina.core.routing.RouteSpec``), per tenant."""
+
+    __tablename__ = "routes"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # RouteSpec.to_row()
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
 class OutboxMessage(Base):
     """A queue message written in the same transaction as the state change that calls for it.
 

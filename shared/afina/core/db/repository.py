@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from afina.core import ids
 from afina.core.db.clock import database_time, now_sql
-from afina.core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, Tenant, now
+from afina.core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, Route, Tenant, now
 from afina.core.errors import AuthenticationFailed, Conflict, InvalidRequest, LeaseLost, NotFound
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -304,6 +304,36 @@ def list_models(session: Session, tenant_id: str) -> list[Model]:
 
 def count_models_for_job(session: Session, job_id: str) -> int:
     return session.scalar(select(func.count()).select_from(Model).where(Model.job_id == job_id)) or 0
+
+
+# routes ---------------------------------------------------------------------
+
+def put_route(session: Session, tenant_id: str, name: str, spec: dict[str, Any]) -> tuple[Route, bool]:
+    """Create or replace the tenant's route ``name``; (the row, whether it is new)."""
+    row = session.get(Route, (tenant_id, name), with_for_update=True)
+    if row is None:
+        ensure_tenant(session, tenant_id)
+        row = Route(tenant_id=tenant_id, name=name, spec=spec)
+        session.add(row)
+        return row, True
+    row.spec, row.updated_at = spec, now()
+    return row, False
+
+
+def get_route(session: Session, tenant_id: str, name: str) -> Route | None:
+    return session.get(Route, (tenant_id, name))
+
+
+def list_routes(session: Session, tenant_id: str) -> list[Route]:
+    return list(session.scalars(select(Route).where(Route.tenant_id == tenant_id).order_by(Route.name)))
+
+
+def delete_route(session: Session, tenant_id: str, name: str) -> bool:
+    row = session.get(Route, (tenant_id, name))
+    if row is None:
+        return False
+    session.delete(row)
+    return True
 
 
 # leases ---------------------------------------------------------------------

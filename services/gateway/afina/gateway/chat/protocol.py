@@ -28,8 +28,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(max_length=64)] = "output"
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema (a llama.cpp grammar)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(BaseModel):
-    """Unknown fields are ignored, as OpenAI-compatible servers do; ``n`` above 1 and tools are refused."""
+    """Unknown fields are ignored, as OpenAI-compatible servers do; tools are refused. ``top_k``,
+    ``min_p`` and ``repeat_penalty`` are the extensions llama.cpp's and vLLM's servers accept too."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -41,7 +57,11 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
-    n: int | None = None
+    n: Annotated[int, Field(ge=1, le=8)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, Field(ge=0)] | None = None
+    response_format: ResponseFormat | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     stream: bool = False

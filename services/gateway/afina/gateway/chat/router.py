@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from afina.gateway.chat import service
 from afina.gateway.chat.protocol import ChatCompletion, ChatCompletionRequest
-from afina.gateway.deps import BackendDep, ModelFilesDep, RuntimeDep, TenantDep
+from afina.gateway.deps import DispatcherDep, EndUserDep, TenantDep
 from afina.gateway.error_protocol import error_responses, sse_event
 from afina.gateway.params import refuse_nul_params
+from afina.gateway.serving.headers import SSE_HEADERS, target_headers
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"], dependencies=[Depends(refuse_nul_params)])
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # one route, two bodies: the completion as JSON, or with ``stream=true`` its chunks as Server-Sent Events
 COMPLETION = {200: {"model": ChatCompletion, "description": "The completion, or with `stream=true` its chunks as SSE.",
                     "content": {"text/event-stream": {"schema": sse_event(
@@ -21,13 +21,14 @@ COMPLETION = {200: {"model": ChatCompletion, "description": "The completion, or 
                         "or `[DONE]` at the end.")}}}}
 
 
-@router.post("/completions", response_model=None, responses={**COMPLETION, **error_responses(404)})
-async def create_chat_completion(body: ChatCompletionRequest, runtime: RuntimeDep, tenant: TenantDep,
-                                 backend: BackendDep, model_files: ModelFilesDep) -> ChatCompletion | StreamingResponse:
-    model = await service.resolve_model(runtime, model_files, tenant, body.model)
+@router.post("/completions", response_model=None,
+             responses={**COMPLETION, **error_responses(404, 429, 502, 504)})
+async def create_chat_completion(body: ChatCompletionRequest, tenant: TenantDep, dispatcher: DispatcherDep,
+                                 end_user: EndUserDep) -> JSONResponse | StreamingResponse:
+    plan = await dispatcher.plan(tenant, body.model, end_user or body.user)
     if not body.stream:
-        return await service.complete(backend, model, body)
-    chunks = service.stream(backend, model, body)
-    # the first chunk is awaited here, so a model that cannot load answers with an HTTP error status
-    first = await anext(chunks, None)
-    return StreamingResponse(service.sse(first, chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+        completion, answered = await service.complete(dispatcher, tenant, plan, body)
+        return JSONResponse(completion.model_dump(mode="json"), headers=target_headers(answered))
+    answered, chunks = await service.stream(dispatcher, tenant, plan, body)
+    return StreamingResponse(service.sse(chunks), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **target_headers(answered)})

@@ -1,19 +1,22 @@
-"""Inference backends: llama.cpp in process, or one llama.cpp server per model, chosen by settings."""
+"""Inference backends behind one interface (``base``): llama.cpp in process or one llama.cpp server per
+model for afina's own GGUF files, Ollama's native API, and any OpenAI-compatible upstream."""
 
 from __future__ import annotations
 
-from afina.core.settings import Settings
-from afina.gateway.inference.base import ChatRequest, InferenceBackend
+from afina.gateway.inference.base import (
+    LOCAL_BACKEND,
+    OLLAMA_BACKEND,
+    Embeddings,
+    Generation,
+    GenerationRequest,
+    InferenceBackend,
+    LoadedModel,
+    OutputFormat,
+    Sampling,
+    ServedModel,
+    TextDelta,
+    UpstreamError,
+)
 
-__all__ = ["ChatRequest", "InferenceBackend", "open_backend"]
-
-
-def open_backend(settings: Settings) -> InferenceBackend:
-    """The backend ``settings.inference_backend`` names; nothing is loaded or started until first use."""
-    if settings.inference_backend == "llamacpp-server":
-        from afina.gateway.inference.llamacpp_server import LlamaServerBackend
-
-        return LlamaServerBackend(settings)
-    from afina.gateway.inference.inprocess import InProcessBackend
-
-    return InProcessBackend(settings)
+__all__ = ["LOCAL_BACKEND", "OLLAMA_BACKEND", "Embeddings", "Generation", "GenerationRequest", "InferenceBackend",
+           "LoadedModel", "OutputFormat", "Sampling", "ServedModel", "TextDelta", "UpstreamError"]

@@ -2,19 +2,18 @@
 
 A llama.cpp context is not thread-safe, so each loaded model has one lock and every
 call into it runs in a worker thread while holding that lock; a stream holds it
-from the first token to the last. At most ``settings.max_loaded_models`` models stay
-loaded (least recently used goes first); an evicted model still serving a stream is
-closed when that stream ends.
+from the first token to the last. Which models stay loaded, and for how long, is the
+``LoadedPool``'s book (``pool.py``). A model is loaded once per context length and once
+more for embeddings (llama.cpp embeds only with a context made for it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,7 +23,18 @@ from afina.core.catalog.template_refusal import first_refused_message, template_
 from afina.core.errors import InferenceUnavailable, InvalidRequest
 from afina.core.logging import log_event
 from afina.core.settings import Settings
-from afina.gateway.inference.base import ChatRequest, usage_chunk
+from afina.gateway.inference.base import (
+    Embeddings,
+    Generation,
+    GenerationRequest,
+    LoadedModel,
+    ServedModel,
+    TextDelta,
+    input_too_long,
+)
+from afina.gateway.inference.grammar import grammar_for
+from afina.gateway.inference.pool import LoadedPool, Slot
+from afina.gateway.inference.templates import gguf_template_renderer
 
 log = logging.getLogger("afina.gateway.inference")
 _END = object()
@@ -54,104 +64,177 @@ def _metered_llama_class() -> type:
 
 
 @dataclass
-class _LoadedModel:
+class _Context:
+    """A loaded model and the lock that lets one call at a time into its llama.cpp context."""
+
     llm: Any
     lock: asyncio.Lock
-    users: int = 0
-    evicted: bool = False
 
 
 class InProcessBackend:
-    """An LRU of ``llama_cpp.Llama`` objects, called from worker threads one call per model at a time."""
+    """A pool of ``llama_cpp.Llama`` objects, called from worker threads one call per model at a time."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._models: OrderedDict[Path, _LoadedModel] = OrderedDict()
-        self._load_locks: dict[Path, asyncio.Lock] = {}
         self._llama_class: type | None = None
+        self._pool: LoadedPool[_Context] = LoadedPool(capacity=settings.max_loaded_models,
+                                                      keep_alive_s=settings.keep_alive_s, open=self._open,
+                                                      close=self._close)
 
-    def _load(self, path: Path) -> Any:
+    def _load(self, slot: Slot) -> Any:
         from jinja2 import TemplateError
 
         if self._llama_class is None:
             self._llama_class = _metered_llama_class()
+        extra: dict[str, Any] = {}
+        if slot.embedding:
+            import llama_cpp
+
+            # a causal model has no pooling of its own: the mean of its token states, as Ollama serves it
+            extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
         try:
-            return self._llama_class(model_path=str(path), n_ctx=self.settings.inference_n_ctx,
-                                     n_threads=self.settings.inference_threads, verbose=False)
+            return self._llama_class(model_path=str(slot.path), n_ctx=slot.n_ctx,
+                                     n_threads=self.settings.inference_threads, verbose=False, **extra)
         except (ValueError, RuntimeError, TemplateError) as exc:  # TemplateError: a chat template that won't compile
-            raise InferenceUnavailable(f"could not load model file {path.name}: {exc}") from None
+            raise InferenceUnavailable(f"could not load model file {slot.path.name}: {exc}") from None
 
-    async def _acquire(self, path: Path) -> _LoadedModel:
-        """The loaded model for ``path`` (loading it once, even under concurrent first calls)."""
-        lock = self._load_locks.setdefault(path, asyncio.Lock())
-        async with lock:
-            loaded = self._models.get(path)
-            if loaded is None:
-                log_event(log, "model.loading", path=str(path))
-                llm = await to_thread.run_sync(self._load, path)
-                loaded = _LoadedModel(llm=llm, lock=asyncio.Lock())
-                self._models[path] = loaded
-                await self._evict_beyond(self.settings.max_loaded_models)
-            self._models.move_to_end(path)
-            loaded.users += 1
-            return loaded
-
-    async def _release(self, loaded: _LoadedModel) -> None:
-        loaded.users -= 1
-        if loaded.evicted and loaded.users == 0:
-            await to_thread.run_sync(loaded.llm.close)
-
-    async def _evict_beyond(self, keep: int) -> None:
-        while len(self._models) > keep:
-            path, loaded = self._models.popitem(last=False)
-            loaded.evicted = True
-            log_event(log, "model.evicted", path=str(path))
-            if loaded.users == 0:
-                await to_thread.run_sync(loaded.llm.close)
+    async def _open(self, slot: Slot, model: ServedModel) -> _Context:
+        log_event(log, "model.loading", model=model.name, n_ctx=slot.n_ctx, embedding=slot.embedding)
+        return _Context(llm=await to_thread.run_sync(self._load, slot), lock=asyncio.Lock())
 
     @staticmethod
-    def _kwargs(request: ChatRequest) -> dict[str, Any]:
-        return {"messages": request.messages, **request.options}
+    async def _close(context: _Context) -> None:
+        await to_thread.run_sync(context.llm.close)
 
-    async def chat(self, request: ChatRequest) -> dict[str, Any]:
-        loaded = await self._acquire(request.model_path)
+    def _slot(self, model: ServedModel, num_ctx: int | None, *, embedding: bool = False) -> Slot:
+        return Slot.of(model, num_ctx, self.settings.inference_n_ctx, embedding=embedding)
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def _call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        options = request.sampling.set_fields()
+        if "max_tokens" not in options:
+            options["max_tokens"] = None  # until the model stops or the context is full (create_completion's is 16)
+        elif options["max_tokens"] < 0:  # Ollama's num_predict -1 (no limit) and -2 (fill the context)
+            options["max_tokens"] = None
+        grammar = grammar_for(request.output_format)
+        if grammar is not None:
+            options["grammar"] = grammar
+        if request.messages is not None:
+            return {"messages": request.messages, **options}
+        return {"prompt": request.prompt, **options}
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        slot = self._slot(request.model, request.num_ctx)
+        entry, load_ns = await self._pool.acquire(slot, request.model)
+        loaded = entry.handle
         try:
             async with loaded.lock:
-                return await to_thread.run_sync(_call, loaded.llm, self._kwargs(request))
+                started = time.perf_counter_ns()
+                result = await to_thread.run_sync(_call, loaded.llm, self._call_kwargs(request))
+                elapsed = time.perf_counter_ns() - started
         finally:
-            await self._release(loaded)
+            await self._pool.release(slot, entry, request.keep_alive_s)
+        choice = result["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        usage = result.get("usage") or {}
+        timings = _split_timing(loaded.llm, elapsed)
+        return Generation(text=text or "", finish_reason=_finish(choice.get("finish_reason")),
+                          prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                          completion_tokens=int(usage.get("completion_tokens", 0)), load_ns=load_ns, **timings)
 
-    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        loaded = await self._acquire(request.model_path)
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
+        slot = self._slot(request.model, request.num_ctx)
+        entry, load_ns = await self._pool.acquire(slot, request.model)
+        loaded = entry.handle
         try:
             async with loaded.lock:
-                chunks = await to_thread.run_sync(_call, loaded.llm, {**self._kwargs(request), "stream": True})
+                started = time.perf_counter_ns()
+                chunks = await to_thread.run_sync(_call, loaded.llm, {**self._call_kwargs(request), "stream": True})
+                first_token_ns: int | None = None
+                pieces: list[str] = []
+                finish_reason: str | None = None
                 try:
                     while True:
                         chunk = await to_thread.run_sync(_next, chunks)
                         if chunk is _END:
                             break
-                        yield chunk
+                        choice = chunk["choices"][0]
+                        text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                        if text:
+                            if first_token_ns is None:
+                                first_token_ns = time.perf_counter_ns() - started
+                            pieces.append(text)
+                            yield TextDelta(text)
                 finally:
                     with anyio.CancelScope(shield=True):  # the context must be left idle before unlocking
                         await to_thread.run_sync(chunks.close)
-                yield usage_chunk(loaded.llm.last_prompt_tokens, loaded.llm.last_completion_tokens)
+                elapsed = time.perf_counter_ns() - started
+                prompt_eval_ns = first_token_ns if first_token_ns is not None else elapsed
+                yield Generation(text="".join(pieces), finish_reason=_finish(finish_reason),
+                                 prompt_tokens=loaded.llm.last_prompt_tokens,
+                                 completion_tokens=loaded.llm.last_completion_tokens, load_ns=load_ns,
+                                 prompt_eval_ns=prompt_eval_ns, eval_ns=elapsed - prompt_eval_ns)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._release(loaded)
+            await self._pool.release(slot, entry, request.keep_alive_s)
+
+    # --- embeddings, housekeeping ----------------------------------------------------------------
+
+    async def embed(self, model: ServedModel, inputs: list[str], *, truncate: bool = True,
+                    keep_alive_s: float | None = None) -> Embeddings:
+        slot = self._slot(model, None, embedding=True)
+        entry, load_ns = await self._pool.acquire(slot, model)
+        try:
+            async with entry.handle.lock:
+                vectors, tokens = await to_thread.run_sync(_embed, entry.handle.llm, inputs, truncate)
+        finally:
+            await self._pool.release(slot, entry, keep_alive_s)
+        return Embeddings(vectors=vectors, prompt_tokens=tokens, load_ns=load_ns)
+
+    async def loaded(self) -> list[LoadedModel]:
+        return await self._pool.loaded()
+
+    async def unload(self, model: ServedModel) -> None:
+        await self._pool.evict_model(model)
 
     async def close(self) -> None:
-        await self._evict_beyond(0)
+        await self._pool.close()
+
+
+def _finish(reason: str | None) -> Any:
+    return "length" if reason == "length" else "stop"
+
+
+def _split_timing(llm: Any, elapsed_ns: int) -> dict[str, int]:
+    """Prompt evaluation vs generation time of the last call, from llama.cpp's own counters when it has them."""
+    try:
+        import llama_cpp
+
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        prompt_ns, eval_ns = int(perf.t_p_eval_ms * 1e6), int(perf.t_eval_ms * 1e6)
+        if 0 < prompt_ns + eval_ns <= elapsed_ns * 2:
+            return {"prompt_eval_ns": prompt_ns, "eval_ns": eval_ns}
+    except (AttributeError, ImportError, TypeError):
+        pass
+    return {"prompt_eval_ns": 0, "eval_ns": elapsed_ns}
 
 
 def _call(llm: Any, kwargs: dict[str, Any]) -> Any:
-    """``create_chat_completion``; the caller's mistakes (too long, refused by the template) become 400s."""
+    """A chat or text completion; the caller's mistakes (too long, refused by the template) become 400s.
+
+    A seeded call starts from an empty context: reusing the cached prompt re-evaluates only its last
+    token, whose logits then differ in the last bits, and a sampled answer with the same seed differed."""
     from jinja2 import TemplateError
 
+    if kwargs.get("seed") is not None:
+        llm.reset()
     try:
-        return llm.create_chat_completion(**kwargs)
+        if "messages" in kwargs:
+            return llm.create_chat_completion(**kwargs)
+        return llm.create_completion(**kwargs)
     except (ValueError, TypeError, TemplateError) as exc:
-        raise _translate(exc, llm, kwargs["messages"]) from None
+        raise _translate(exc, llm, kwargs.get("messages")) from None
 
 
 def _next(chunks: Any) -> Any:
@@ -163,19 +246,43 @@ def _next(chunks: Any) -> Any:
         raise
 
 
+def _embed(llm: Any, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+    """Normalized mean-pooled vectors (as Ollama's ``/api/embed`` and OpenAI answer) and the tokens read."""
+    import math
+
+    n_ctx = llm.n_ctx()
+    vectors: list[list[float]] = []
+    total = 0
+    for index, text in enumerate(inputs):
+        tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
+        if len(tokens) > n_ctx:
+            if not truncate:
+                raise input_too_long(index, len(tokens), n_ctx)
+            tokens = tokens[:n_ctx]
+        total += len(tokens)
+        llm.reset()
+        llm.eval(tokens)
+        vector = list(llm.embed(llm.detokenize(tokens).decode(errors="replace"), normalize=False, truncate=True))
+        if vector and isinstance(vector[0], list):  # per-token states: pool them here
+            vector = [sum(column) / len(vector) for column in zip(*vector, strict=True)]
+        norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+        vectors.append([value / norm for value in vector])
+    return vectors, total
+
+
 def _context_exceeded(exc: Exception) -> InvalidRequest:
     return InvalidRequest(f"This model's context window is too small for these messages: {exc}",
                           param="messages", code="context_length_exceeded")
 
 
-def _translate(exc: Exception, llm: Any, messages: list[dict[str, Any]]) -> Exception:
+def _translate(exc: Exception, llm: Any, messages: list[dict[str, Any]] | None) -> Exception:
     """What a failed call means: a prompt longer than the context (llama.cpp's ValueError), a conversation
     the model's chat template refuses (its ``raise_exception`` is a ValueError in llama-cpp-python, a
     jinja2 error otherwise), or — when rendering the template again succeeds — a fault of ours, as is."""
-    if isinstance(exc, ValueError) and "exceed context window" in str(exc):
+    if isinstance(exc, ValueError) and ("exceed context window" in str(exc) or "too long" in str(exc)):
         return _context_exceeded(exc)
     render = _template_renderer(llm)
-    if render is None:
+    if render is None or messages is None:
         return exc
     try:
         render(messages)
@@ -192,19 +299,3 @@ def _template_renderer(llm: Any) -> Callable[[list[dict[str, Any]]], object] | N
             getattr(llm, "chat_format", None) != "chat_template.default":
         return None
     return gguf_template_renderer(template)
-
-
-def gguf_template_renderer(template: str) -> Callable[[list[dict[str, Any]]], object] | None:
-    """A function rendering messages with a GGUF's chat template exactly as llama-cpp-python does (its
-    sandbox, its ``raise_exception``); None where llama-cpp-python is not installed or the template does
-    not compile. Special tokens render empty: whether a template refuses never depends on them."""
-    try:
-        from jinja2 import TemplateError
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    except ImportError:
-        return None
-    try:
-        formatter = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
-    except TemplateError:
-        return None
-    return lambda messages: formatter(messages=messages)

@@ -1,4 +1,5 @@
-"""Which models a tenant can call: every catalog base model, and its own registered fine-tunes."""
+"""Which models a tenant can call: every catalog base model, its own registered fine-tunes, and its routes
+(aliases such as ``aeon-custom``, listed as models: apps call them by that name)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def list_models(runtime: Runtime, tenant_id: str) -> ModelList:
     with runtime.db.session() as session:
         data += [ModelObject(id=row.name, created=row.created_at, owned_by=row.tenant_id)
                  for row in repo.list_models(session, tenant_id)]
+        data += [ModelObject(id=row.name, created=row.created_at, owned_by=row.tenant_id)
+                 for row in repo.list_routes(session, tenant_id)]
     return ModelList(data=data)
 
 
@@ -36,7 +39,7 @@ def get_model(runtime: Runtime, tenant_id: str, name: str) -> ModelObject:
     if spec is not None:
         return base_model_object(spec)
     with runtime.db.session() as session:
-        row = repo.get_model(session, tenant_id, name)
+        row = repo.get_model(session, tenant_id, name) or repo.get_route(session, tenant_id, name)
     if row is None:
         raise NotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
     return ModelObject(id=row.name, created=row.created_at, owned_by=row.tenant_id)

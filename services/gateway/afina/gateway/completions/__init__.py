@@ -1,0 +1,1 @@
+"""``/v1/completions``: a raw prompt continued, as OpenAI's legacy completions API."""

@@ -1,0 +1,1 @@
+"""``/v1/embeddings``: vectors of texts, as OpenAI's embeddings API."""

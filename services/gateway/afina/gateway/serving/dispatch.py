@@ -1,0 +1,177 @@
+"""Running a plan: each candidate in turn, through its model's bounded queue, until one answers.
+
+A candidate gives way to the next when it is down, too slow to start answering (the route's
+``timeout_s``), overloaded (429) or failing (5xx) — never for the caller's own mistake (a 400
+stays a 400). A stream can fall back only before its first piece: once text reached the caller,
+a failure ends the stream. Which candidate answered travels back with the answer, so the
+response can name it (``x-afina-target``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from anyio import to_thread
+
+from afina.core.errors import AfinaError, InferenceUnavailable, NotFound, Overloaded, UpstreamFailed, UpstreamTimeout
+from afina.core.logging import log_event
+from afina.core.metrics import GATEWAY_FALLBACKS, GATEWAY_UPSTREAM_ERRORS, bounded_label
+from afina.core.routing import RouteTarget
+from afina.gateway.inference.base import (
+    Embeddings,
+    Generation,
+    GenerationRequest,
+    ServedModel,
+    TextDelta,
+    UpstreamError,
+)
+from afina.gateway.serving.backends import Backends
+from afina.gateway.serving.limiter import ModelLimiter
+from afina.gateway.serving.resolve import Plan, Resolver
+
+log = logging.getLogger("afina.gateway.serving")
+T = TypeVar("T")
+# what makes a candidate give way to the next (a route target's model deleted since the route was written too)
+GIVES_WAY = (UpstreamError, InferenceUnavailable, Overloaded, TimeoutError, NotFound)
+
+Builder = Callable[[ServedModel], GenerationRequest]
+
+
+@dataclass
+class Answered:
+    """Which candidate answered (``target``) and as what model (``served``)."""
+
+    target: RouteTarget
+    served: ServedModel
+
+
+@dataclass
+class StreamAnswer:
+    answered: Answered
+    pieces: AsyncIterator[TextDelta | Generation]  # the first piece already drawn is its first item
+
+
+class Dispatcher:
+    def __init__(self, resolver: Resolver, backends: Backends, limiter: ModelLimiter) -> None:
+        self.resolver = resolver
+        self.backends = backends
+        self.limiter = limiter
+
+    async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
+        return await to_thread.run_sync(self.resolver.plan, tenant_id, name, user)
+
+    async def _served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
+        return await to_thread.run_sync(self.resolver.served, tenant_id, target)
+
+    async def generate(self, tenant_id: str, plan: Plan, build: Builder) -> tuple[Generation, Answered]:
+        async def attempt(served: ServedModel) -> Generation:
+            request = build(served)
+            async with self._slot(served):
+                return await self.backends.get(served.backend).generate(request)
+
+        return await self._first_that_answers(tenant_id, plan, attempt)
+
+    async def embed(self, tenant_id: str, plan: Plan, inputs: list[str], *, truncate: bool = True,
+                    keep_alive_s: float | None = None) -> tuple[Embeddings, Answered]:
+        async def attempt(served: ServedModel) -> Embeddings:
+            async with self._slot(served):
+                return await self.backends.get(served.backend).embed(served, inputs, truncate=truncate,
+                                                                     keep_alive_s=keep_alive_s)
+
+        return await self._first_that_answers(tenant_id, plan, attempt)
+
+    async def stream(self, tenant_id: str, plan: Plan, build: Builder) -> StreamAnswer:
+        async def attempt(served: ServedModel) -> AsyncIterator[TextDelta | Generation]:
+            pieces = self._guarded_stream(served, build(served))
+            try:
+                first = await anext(pieces)
+            except BaseException:
+                await pieces.aclose()
+                raise
+            return _prepend(first, pieces)
+
+        pieces, answered = await self._first_that_answers(tenant_id, plan, attempt)
+        return StreamAnswer(answered=answered, pieces=pieces)
+
+    async def _guarded_stream(self, served: ServedModel,
+                              request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
+        async with self._slot(served):
+            pieces = self.backends.get(served.backend).stream(request)
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()  # a caller gone mid-stream stops the generation at its source
+
+    def _slot(self, served: ServedModel):  # noqa: ANN202 - an async context manager
+        return self.limiter.slot(served.cache_key, self.backends.concurrency(served.backend), label=served.name)
+
+    async def _first_that_answers(self, tenant_id: str, plan: Plan,
+                                  attempt: Callable[[ServedModel], T]) -> tuple[T, Answered]:
+        failure: BaseException | None = None
+        for index, target in enumerate(plan.candidates):
+            last = index == len(plan.candidates) - 1
+            try:
+                served = await self._served(tenant_id, target)
+                coroutine = attempt(served)
+                result = await (asyncio.wait_for(coroutine, plan.timeout_s) if plan.timeout_s else coroutine)
+                return result, Answered(target=target, served=served)
+            except GIVES_WAY as exc:
+                if isinstance(exc, NotFound) and plan.route is None:
+                    raise  # a model the caller named directly: their 404
+                failure = exc
+                self._note_failure(plan, target, exc, last)
+        raise _final_error(plan, failure)
+
+    def _note_failure(self, plan: Plan, target: RouteTarget, exc: BaseException, last: bool) -> None:
+        status = str(getattr(exc, "status", None) or getattr(exc, "http_status", None) or
+                     (504 if isinstance(exc, TimeoutError) else 502))
+        GATEWAY_UPSTREAM_ERRORS.labels(backend=target.upstream or "local", status=status).inc()
+        log_event(log, "inference.target_failed", logging.WARNING, route=plan.route, target=target.label,
+                  error=type(exc).__name__, status=status, detail=str(exc)[:300], fallback=not last)
+        if not last and plan.route is not None:
+            GATEWAY_FALLBACKS.labels(route=bounded_label("route", plan.route),
+                                     failed_target=bounded_label("model", target.label)).inc()
+
+
+def _final_error(plan: Plan, failure: BaseException | None) -> BaseException:
+    """What the caller hears when no candidate answered: a user-facing error that names no upstream detail."""
+    if isinstance(failure, AfinaError) and not isinstance(failure, NotFound):
+        return failure
+    tried = len(plan.candidates)
+    suffix = f" (tried {tried} targets of route {plan.route})" if plan.route and tried > 1 else ""
+    if isinstance(failure, TimeoutError) or (isinstance(failure, UpstreamError) and failure.status == 504):
+        return UpstreamTimeout(f"The model {plan.requested} did not answer in time{suffix}.")
+    if isinstance(failure, UpstreamError) and failure.status == 429:
+        return Overloaded(f"The model {plan.requested} is rate limited upstream{suffix}; retry shortly.",
+                          retry_after_s=failure.retry_after or 1.0)
+    return UpstreamFailed(f"The model {plan.requested} could not answer{suffix}; retry later.")
+
+
+class _Prepended(AsyncIterator[T]):
+    """``first`` then the rest of ``rest``. Not an async generator: closing one that never started runs no
+    ``finally``, and a stream whose caller left before reading would keep its model's slot."""
+
+    def __init__(self, first: T, rest: AsyncIterator[T]) -> None:
+        self._first: list[T] = [first]
+        self._rest = rest
+
+    def __aiter__(self) -> _Prepended[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._first:
+            return self._first.pop()
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._first.clear()
+        await self._rest.aclose()  # type: ignore[attr-defined]
+
+
+def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    return _Prepended(first, rest)

@@ -1,0 +1,145 @@
+"""Which models a public name means, and what each is to a backend.
+
+A name is a catalog base model, one of the tenant's fine-tunes, or one of its routes. A route
+gives its targets in the order they are tried: the one its weighted split picks for this end
+user (the same user always lands on the same side of an A/B split while the weights stay), then
+its fallbacks. A target becomes a ``ServedModel`` only when it is tried, so a fallback costs
+nothing (no download, no load) while the first target answers.
+
+Another tenant's model or route is indistinguishable from a missing one (404 ``model_not_found``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from afina.core.artifacts import ManifestInvalid, ServedArtifacts
+from afina.core.artifacts.publish import OllamaRegistration
+from afina.core.catalog import catalog_model
+from afina.core.catalog.gguf_metadata import gguf_metadata
+from afina.core.db import repository as repo
+from afina.core.errors import InferenceUnavailable, InvalidRequest, NotFound
+from afina.core.routing import RouteOptions, RouteSpec, RouteTarget
+from afina.core.runtime import Runtime
+from afina.gateway.inference.base import LOCAL_BACKEND, OLLAMA_BACKEND, ServedModel
+from afina.gateway.inference.files import ModelFileCache
+
+OLLAMA_DEFAULT_TAG = ":latest"
+
+
+def model_not_found(name: str) -> NotFound:
+    return NotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What answering one request for ``requested`` may involve, in the order to try."""
+
+    requested: str
+    candidates: list[RouteTarget]
+    route: str | None = None
+    system: str | None = None
+    defaults: RouteOptions = field(default_factory=RouteOptions)
+    timeout_s: float | None = None
+
+
+def pick_target(route_name: str, targets: list[RouteTarget], user: str | None) -> RouteTarget:
+    """A target by weight: by a hash of (route, user) when the end user is known, so they stay on their
+    side of the split; at random otherwise."""
+    weighted = [target for target in targets if target.weight > 0]
+    total = sum(target.weight for target in weighted)
+    if user:
+        digest = hashlib.sha256(f"{route_name}\0{user}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64 * total
+    else:
+        point = random.random() * total  # noqa: S311 - traffic splitting, not security
+    for target in weighted:
+        point -= target.weight
+        if point < 0:
+            return target
+    return weighted[-1]
+
+
+def plan_for_route(name: str, spec: RouteSpec, user: str | None) -> Plan:
+    chosen = pick_target(name, spec.targets, user)
+    fallbacks = [target for target in spec.fallbacks if target.label != chosen.label]
+    return Plan(requested=name, candidates=[chosen, *fallbacks], route=name, system=spec.system,
+                defaults=spec.options, timeout_s=spec.timeout_s)
+
+
+@lru_cache(maxsize=256)
+def _context_length(path: Path, mtime_ns: int) -> int | None:
+    """The context length a GGUF was trained for (``<arch>.context_length``), read once per file version."""
+    try:
+        metadata = gguf_metadata(path)
+    except InvalidRequest:
+        return None
+    value = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+    return int(value) if isinstance(value, int) else None
+
+
+def local_model(name: str, path: Path) -> ServedModel:
+    stat = path.stat()
+    return ServedModel(name=name, backend=LOCAL_BACKEND, path=path, size=stat.st_size,
+                       context_length=_context_length(path, stat.st_mtime_ns))
+
+
+class Resolver:
+    """Names to plans, and targets to served models, for one gateway (blocking: call from worker threads)."""
+
+    def __init__(self, runtime: Runtime, files: ModelFileCache, *, serve_from_ollama: bool) -> None:
+        self.runtime = runtime
+        self.files = files
+        self.serve_from_ollama = serve_from_ollama
+
+    def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
+        for candidate in _spellings(name):
+            if catalog_model(candidate) is not None:
+                return Plan(requested=name, candidates=[RouteTarget(model=candidate)])
+            with self.runtime.db.session() as session:
+                if repo.get_model(session, tenant_id, candidate) is not None:
+                    return Plan(requested=name, candidates=[RouteTarget(model=candidate)])
+                route = repo.get_route(session, tenant_id, candidate)
+                if route is not None:
+                    return plan_for_route(candidate, RouteSpec.from_row(route.spec), user)
+        raise model_not_found(name)
+
+    def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
+        """What runs ``target`` (downloading a fine-tune's GGUF into the local cache if it is served here)."""
+        if target.upstream is not None:
+            if target.upstream not in self.runtime.settings.upstreams:
+                raise InferenceUnavailable(f"the upstream {target.upstream!r} is not configured on this gateway")
+            return ServedModel(name=target.label, backend=target.upstream, upstream_model=target.model)
+        spec = catalog_model(target.model)
+        if spec is not None:
+            try:
+                return local_model(spec.id, spec.gguf_path())
+            except NotFound:  # trainable here, not servable: the caller's 404, a route's cue to fall back
+                raise NotFound(f"The base model '{spec.id}' has no weights this server can serve (fine-tunes of it "
+                               "can be served).", param="model", code="model_not_found") from None
+        with self.runtime.db.session() as session:
+            row = repo.get_model(session, tenant_id, target.model)
+            if row is None:
+                raise model_not_found(target.model)
+            name, artifacts, ollama = row.name, row.artifacts, row.ollama
+        if self.serve_from_ollama and ollama:
+            registration = OllamaRegistration.model_validate(ollama)
+            if registration.status == "registered":
+                return ServedModel(name=name, backend=OLLAMA_BACKEND, upstream_model=registration.name)
+        try:
+            key = ServedArtifacts.of_row(artifacts, name).served_key
+        except ManifestInvalid:
+            raise InferenceUnavailable(f"model {name} has no servable GGUF registered") from None
+        return local_model(name, self.files.fetch(key))
+
+
+def _spellings(name: str) -> list[str]:
+    """The name as given and, for Ollama clients that add the default tag, without ``:latest``."""
+    if name.endswith(OLLAMA_DEFAULT_TAG) and len(name) > len(OLLAMA_DEFAULT_TAG):
+        return [name, name.removesuffix(OLLAMA_DEFAULT_TAG)]
+    return [name]
