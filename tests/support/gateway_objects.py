@@ -1,8 +1,8 @@
 """One of everything a tenant can name through the gateway, written straight into the registry and the store.
 
 A processed training file with every ingest artifact, a result file, a succeeded job with
-events and checkpoints, and a registered fine-tune: what the tenant matrix asks another
-tenant for and what the API fuzzer reads back with real ids.
+events and checkpoints, a registered fine-tune, a route to it and one exchange it kept: what the
+tenant matrix asks another tenant for and what the API fuzzer reads back with real ids.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class TenantObjects:
     export: str = ""  # a re-export job of the model (POST /v1/models/{model}/exports)
     export_event: str = ""  # that export's event
     route: str = ""  # a route (alias) whose one target is the fine-tune
+    capture: str = ""  # an exchange of that route kept for retraining (its completion is chatcmpl-<capture>)
 
 
 def _artifact_bytes(name: str) -> bytes:
@@ -102,10 +103,14 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
         export_event = repo.add_event(session, export.id, f"Export of {name} queued").id
         route = f"alias-{secrets.token_hex(6)}"
         repo.put_route(session, tenant, route, RouteSpec(targets=[RouteTarget(model=name)]).to_row())
+        capture = secrets.token_hex(12)
+        repo.add_captured_exchange(session, exchange_id=capture, tenant_id=tenant, route=route, target=name,
+                                   model=name, messages=[{"role": "user", "content": "What is 2 + 2?"}],
+                                   answer="4.", finish_reason="stop")
     return TenantObjects(tenant=tenant, training_file=training.id, result_file=result.id, job=job.id, events=events,
                          checkpoints=checkpoints, model=name, export=export.id, export_event=export_event,
                          checkpoint_models=[checkpoint_model_name(name, step) for step in (1, 2)],
-                         store_model=f"store://{prefix}/merged", route=route)
+                         store_model=f"store://{prefix}/merged", route=route, capture=capture)
 
 
 def missing_like(value: str) -> str:

@@ -88,7 +88,8 @@ def _keys_create(args: argparse.Namespace) -> int:
     expires_at = int(time.time()) + args.expires_in if args.expires_in else None
     try:
         with _registry(args).db.session() as session:
-            key = repo.create_api_key(session, args.tenant, name=args.name, expires_at=expires_at)
+            key = repo.create_api_key(session, args.tenant, name=args.name, expires_at=expires_at,
+                                      scopes=args.scopes, requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
     except AfinaError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -106,10 +107,12 @@ def _keys_list(args: argparse.Namespace) -> int:
     if not keys:
         print("no API keys" + (f" for tenant {args.tenant}" if args.tenant else ""))
         return 0
-    print(f"{'PREFIX':12} {'TENANT':16} {'NAME':20} {'CREATED':16} {'EXPIRES':16} STATE")
+    print(f"{'PREFIX':12} {'TENANT':16} {'NAME':20} {'CREATED':16} {'EXPIRES':16} {'STATE':8} {'SCOPES':26} "
+          "LIMITS/MIN")
     for key in keys:
+        limits = f"{key.requests_per_minute or '-'} req, {key.tokens_per_minute or '-'} tok"
         print(f"{key.prefix:12} {key.tenant_id:16} {(key.name or '-'):20} {_when(key.created_at):16} "
-              f"{_when(key.expires_at):16} {key.state()}")
+              f"{_when(key.expires_at):16} {key.state():8} {','.join(key.scopes):26} {limits}")
     return 0
 
 
@@ -255,7 +258,10 @@ def _routes(args: argparse.Namespace) -> int:
             routes.delete_route(base_url, api_key, args.name)
             print(f"deleted {args.name}")
         else:
-            spec = routes.route_spec(args.target, args.fallback, args.system, args.option, args.timeout, args.file)
+            from afina.cli.captures import with_capture
+
+            spec = with_capture(routes.route_spec(args.target, args.fallback, args.system, args.option, args.timeout,
+                                                  args.file), args)
             print(routes.describe(routes.set_route(base_url, api_key, args.name, spec)))
     except CliError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -264,6 +270,8 @@ def _routes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from afina.core.keys import ALL_SCOPES
+
     parser = argparse.ArgumentParser(prog="afina", description=__doc__)
     parser.add_argument("--home", type=Path, default=default_home(), help="state directory (AFINA_HOME)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default=None, help="what the key is for (shown by `keys list`)")
     create.add_argument("--expires-in", type=parse_duration, default=None, metavar="DURATION",
                         help="the key stops working after this long: 30d, 12h, 90m, 2w (default: never)")
+    create.add_argument("--scope", action="append", choices=ALL_SCOPES, default=None, dest="scopes",
+                        help="what the key may do (repeatable; default: all): inference, fine-tune, admin")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute (default: the gateway's)")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute (default: the gateway's)")
     create.set_defaults(run=_keys_create)
     listing = keys.add_parser("list", help="every key's prefix, tenant, name, dates and state (never the key)")
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")
@@ -370,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--timeout", type=float, default=None, help="seconds before the next fallback takes over")
     put.add_argument("-f", "--file", type=Path, default=None, help="the route as YAML or JSON")
     put.set_defaults(run=_routes)
+    from afina.cli import captures as capture_cli
+
+    capture_cli.add_capture_flags(put)
+    capture_cli.add_commands(routes_commands)
     return parser
 
 

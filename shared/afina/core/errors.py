@@ -137,9 +137,11 @@ class Overloaded(AfinaError):
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}  # a key's x-ratelimit-* state, when its limit is what refused
 
 
 class UpstreamFailed(AfinaError):

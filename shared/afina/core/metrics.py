@@ -67,6 +67,18 @@ HTTP_SECONDS = Histogram("afina_http_request_seconds", "HTTP request latency", [
 INFERENCE_TOKENS = Counter("afina_inference_tokens_total", "Tokens served", ["kind"])
 # the gateway's inference, labelled by model and route through ``bounded_label`` (a tenant with thousands of
 # models must not make thousands of series: past ``LABEL_VALUES_MAX`` values a label reads "other")
+INFERENCE_LABELS = ["model", "route", "tenant"]
+GATEWAY_REQUEST_SECONDS = Histogram("afina_inference_request_seconds",
+                                    "An answered inference call, from its start to its last byte", INFERENCE_LABELS,
+                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+GATEWAY_TTFT_SECONDS = Histogram("afina_inference_time_to_first_token_seconds",
+                                 "A stream's time to its first piece of text", INFERENCE_LABELS,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+GATEWAY_TOKENS_PER_SECOND = Histogram("afina_inference_output_tokens_per_second",
+                                      "Completion tokens per second of generation (after the first token)",
+                                      ["model"], buckets=(1, 5, 10, 25, 50, 100, 200, 400, 800, 1600))
+GATEWAY_TOKENS = Counter("afina_inference_exchange_tokens_total", "Tokens of answered calls, in and out",
+                         ["kind", *INFERENCE_LABELS])
 GATEWAY_QUEUE_WAIT = Histogram("afina_inference_queue_wait_seconds", "Time a request waited for a model's slot",
                                ["model"])
 GATEWAY_FALLBACKS = Counter("afina_inference_fallbacks_total",

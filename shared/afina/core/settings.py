@@ -86,11 +86,24 @@ class Settings(BaseSettings):
     # how long a model stays loaded after its last call (Ollama's keep_alive; a request may say otherwise;
     # negative: until evicted)
     keep_alive_s: float = 300.0
-    # per model: requests generating at once, requests waiting beyond those (past it: 429 with Retry-After),
+    # per model: requests generating at once on an Ollama (a local llama.cpp model runs one at a time; an
+    # upstream has its own ``max_concurrency``), requests waiting beyond those (past it: 429 with Retry-After),
     # and how long one may wait for its turn (past it: 503 with Retry-After); never an unbounded pile-up
     model_max_concurrency: int = 4
     model_max_queue: int = 64
     model_queue_timeout_s: float = 60.0
+    # a newcomer who would wait longer than this (the model's recent call time x the calls ahead) gets 429 at
+    # once, with that wait as Retry-After, instead of a first token a minute late
+    model_max_queue_wait_s: float = 15.0
+    # per API key, per minute, for a key that sets none of its own (None: no limit); counted in Redis
+    # (``rate_limit_redis_url``, by default the broker when it is Redis) so that every gateway process shares them
+    key_requests_per_minute: int | None = None
+    key_tokens_per_minute: int | None = None
+    rate_limit_redis_url: str | None = None
+    # capture for retraining: a route's automatic retraining that failed waits this long before it is tried
+    # again; exchanges a gateway claimed for a job and never settled (it died) are free again after this long
+    capture_retrain_retry_s: float = 300.0
+    capture_stale_claim_s: float = 3600.0
     llamacpp_server_base_port: int = 18400
     inference_n_ctx: int = 2048
     inference_threads: int | None = None
@@ -206,6 +219,14 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def resolved_rate_limit_redis_url(self) -> str | None:
+        """Where per-key counters live: the setting, else the broker when it is Redis, else in process (None)."""
+        if self.rate_limit_redis_url:
+            return self.rate_limit_redis_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else None
 
     @property
     def resolved_store_root(self) -> Path:

@@ -147,11 +147,20 @@ def test_cli_creates_lists_and_revokes_keys(cli_home: Path, capsys: pytest.Captu
     assert code == 0 and ci_key[:10] in out and globex_key[:10] in out
     assert ci_key not in out and globex_key not in out
     ci_line = next(line for line in out.splitlines() if line.startswith(ci_key[:10]))
-    assert "acme" in ci_line and " ci " in ci_line and ci_line.endswith("active")
+    assert "acme" in ci_line and " ci " in ci_line and " active " in ci_line
+    assert ci_line.endswith("inference,fine-tune,admin  - req, - tok")  # every scope, the gateway's limits
     expected_expiry = time.strftime("%Y-%m-%d", time.localtime(time.time() + 30 * 86400))
     assert expected_expiry in ci_line
     code, out, _ = _afina(cli_home, capsys, "keys", "list", "--tenant", "globex")
     assert globex_key[:10] in out and ci_key[:10] not in out
+    code, out, _ = _afina(cli_home, capsys, "keys", "create", "--tenant", "acme", "--scope", "inference",
+                          "--scope", "admin", "--rpm", "60", "--tpm", "40000")
+    app_key = out.strip()
+    code, out, _ = _afina(cli_home, capsys, "keys", "list", "--tenant", "acme")
+    app_line = next(line for line in out.splitlines() if line.startswith(app_key[:10]))
+    assert app_line.split()[-5:] == ["inference,admin", "60", "req,", "40000", "tok"]
+    code, _, err = _afina(cli_home, capsys, "keys", "create", "--tenant", "acme", "--rpm", "0")
+    assert code == 2 and "requests_per_minute is at least 1" in err
 
     from afina.core.runtime import Runtime
     from afina.core.settings import Settings
@@ -168,7 +177,7 @@ def test_cli_creates_lists_and_revokes_keys(cli_home: Path, capsys: pytest.Captu
     assert refused.status_code == unknown.status_code == 401
     assert refused.json() == unknown.json()
     code, out, _ = _afina(cli_home, capsys, "keys", "list", "--tenant", "acme")
-    assert out.splitlines()[1].endswith("revoked")
+    assert next(line for line in out.splitlines() if line.startswith(ci_key[:10])).split()[7] == "revoked"
 
     code, _, err = _afina(cli_home, capsys, "keys", "revoke", "afk-nope00")
     assert code == 2 and err.strip() == "error: no such API key: afk-nope00"

@@ -66,6 +66,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 @pytest.fixture(scope="package")
 def fine_tune(gateway: Gateway) -> str:
     """A registered fine-tune of acme whose served artifact is the SmolLM2 GGUF, put into the store."""
+    return register_fine_tune(gateway)
+
+
+def register_fine_tune(gateway: Gateway) -> str:
+    """Register acme's fine-tune on ``gateway`` (once per job id: a second call updates it) and return its name."""
     from afina.core.catalog import resolve_base_model
     from afina.core.datasets.layout import model_prefix
     from afina.core.db import repository as repo

@@ -140,3 +140,23 @@ def test_completions_embeddings_response_format_and_n(routed: Gateway) -> None:
     assert [choice.index for choice in several.choices] == [0, 1]
     again = acme.chat.completions.create(model=SMOLLM2, messages=MESSAGES, n=2, max_tokens=4, seed=7, temperature=1.0)
     assert [c.message.content for c in again.choices] == [c.message.content for c in several.choices]
+
+
+def test_metrics_and_the_access_log_name_model_route_and_tenant_never_the_prompt(
+        routed: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    assert put_route(routed, "metered", {"targets": [{"model": "m", "upstream": "cloud"}],
+                                         "fallbacks": [{"model": SMOLLM2}]}).status_code == 200
+    secret_prompt = [{"role": "user", "content": "my card is 4111 1111 1111 1111"}]
+    acme = routed.client("acme")
+    with caplog.at_level("INFO", logger="afina.gateway.access"):
+        acme.chat.completions.create(model="metered", messages=secret_prompt, max_tokens=2)
+        list(acme.chat.completions.create(model="metered", messages=secret_prompt, max_tokens=2, stream=True))
+    exposition = httpx.get(f"{routed.url}/metrics").text
+    labels = f'model="{SMOLLM2}",route="metered",tenant="acme"'
+    assert f"afina_inference_request_seconds_count{{{labels}}} 2.0" in exposition
+    assert f"afina_inference_time_to_first_token_seconds_count{{{labels}}} 1.0" in exposition
+    assert f'afina_inference_exchange_tokens_total{{kind="completion",{labels}}}' in exposition
+    assert 'afina_inference_fallbacks_total{failed_target="cloud/m",route="metered"} 2.0' in exposition
+    answered = [record for record in caplog.records if record.getMessage() == "inference.answered"]
+    assert len(answered) == 2 and {record.fields["route"] for record in answered} == {"metered"}
+    assert all("4111" not in str(record.fields) for record in answered)

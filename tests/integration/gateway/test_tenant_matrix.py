@@ -51,6 +51,7 @@ PATH_OBJECTS: dict[str, Objects] = {
     # tried as A's object (the model in the same path is)
     "filename": lambda t: [("model file", "Modelfile")],
     "name": lambda t: [("route", t.route)],
+    "completion_id": lambda t: [("captured completion", f"chatcmpl-{t.capture}")],
 }
 NOT_OBJECT_PATH = {"filename"}
 # a PUT names the caller's own route, creating it: A's route name is B's to take (routes are per tenant); what
@@ -64,8 +65,10 @@ QUERY_OBJECTS: dict[tuple[str, str], Objects] = {
     ("/v1/fine_tuning/jobs/{job_id}/events", "last-event-id"): lambda t: [("event", t.events[1])],
     ("/v1/fine_tuning/jobs/{job_id}/checkpoints", "after"): lambda t: [("checkpoint", t.checkpoints[0])],
     ("/v1/models/{model}/exports/{export_id}/events", "after"): lambda t: [("export event", t.export_event)],
+    ("/v1/routes/{name}/captures", "after"): lambda t: [("captured exchange", t.capture)],
 }
-NOT_OBJECT_QUERY = {"limit", "order", "purpose", "stream", "format", "range"}  # query/headers that name nothing
+NOT_OBJECT_QUERY = {"limit", "order", "purpose", "stream", "format", "range",  # query/headers that name nothing
+                    "unused", "include_feedback"}
 # query values that take another code path, each tried with every path reference of the route
 QUERY_VARIANTS: dict[str, list[dict[str, str]]] = {
     "/v1/fine_tuning/jobs/{job_id}/events": [{}, {"stream": "true"}],
@@ -88,7 +91,8 @@ BODY_OBJECTS: dict[tuple[str, str], dict[str, Objects]] = {
     ("POST", "/v1/embeddings"): {"model": MODELS},
     # a route's targets name models (a route is no target): another tenant's is refused like a missing one
     ("PUT", ROUTE): {"targets.model": lambda t: [("fine-tuned model", t.model)],
-                     "fallbacks.model": lambda t: [("fine-tuned model", t.model)]},
+                     "fallbacks.model": lambda t: [("fine-tuned model", t.model)],
+                     "capture.training_file": FILES},
     **{("POST", path): {"model": MODELS} for path in OLLAMA_MODEL_ROUTES},
     ("POST", "/v1/files"): {"ingest_options.base_model": lambda t: [("store model", t.store_model)],
                             "ingest_options.encryption.key_env": lambda t: [("key variable", A_KEY_ENV)]},
@@ -108,6 +112,11 @@ NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/embeddings"): {"input", "encoding_format", "dimensions", "user"},
     ("PUT", ROUTE): {"system", "options", "timeout_s"},
     ("POST", "/v1/files"): {"file", "purpose", "ingest_options"},
+    ("POST", "/v1/chat/completions/{completion_id}/feedback"): {"rating", "correction"},
+}
+# the body a route whose path names the object needs to reach its lookup (without one it is a 400 for any id)
+PATH_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/v1/chat/completions/{completion_id}/feedback"): {"rating": "up"},
 }
 # ingest_options (a JSON form field) names objects too: each of its fields is classified like a body field
 NOT_OBJECT_INGEST_OPTIONS = {"format", "container", "encoding", "columns", "transcript", "paired", "field_map",
@@ -280,6 +289,9 @@ def _body(method: str, path: str, owner: TenantObjects, field_name: str, value: 
         return Request(method, path, json={"model": value, "prompt": "1, 2,", "max_tokens": 1})
     if path == "/v1/embeddings":
         return Request(method, path, json={"model": value, "input": "hi", "encoding_format": "float"})
+    if path == ROUTE and field_name == "capture.training_file":
+        return Request(method, "/v1/routes/matrix-route", json={"targets": [{"model": SMOLLM2}],
+                                                                "capture": {"training_file": value}})
     if path == ROUTE:
         target = {"targets": [{"model": SMOLLM2}], field_name.split(".")[0]: [{"model": value}]}
         return Request(method, "/v1/routes/matrix-route", json=target)
@@ -306,7 +318,8 @@ def cases(m: Matrix) -> list[Case]:
                 for what, value in PATH_OBJECTS[name](m.a):
                     def build(chosen: str, owner: TenantObjects, method: str = method, path: str = path,
                               name: str = name, variant: dict[str, str] = variant) -> Request:
-                        return Request(method, _fill(path, {**_own(owner, path), name: chosen}), params=dict(variant))
+                        return Request(method, _fill(path, {**_own(owner, path), name: chosen}), params=dict(variant),
+                                       json=PATH_BODIES.get((method, template(path))))
 
                     built.append(Case(f"{method} {path} {variant or ''} {name}=A's {what}", value,
                                       missing_like(value), build, True))

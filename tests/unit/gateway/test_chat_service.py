@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from afina.core.errors import AfinaError, InferenceUnavailable, InvalidRequest
+from afina.core.keys import KeyGrant
 from afina.core.routing import RouteOptions, RouteTarget
 from afina.gateway.chat import service
 from afina.gateway.chat.protocol import ChatCompletionRequest
@@ -35,6 +36,7 @@ from afina.gateway.serving.limiter import ModelLimiter
 from afina.gateway.serving.resolve import Plan, model_not_found
 
 TENANT = "tenant-1"
+CALLER = KeyGrant(tenant_id=TENANT, prefix="afk-test00")
 NAME = "ft:llama3.2-1b:acme::ftjob-1"
 SERVED = ServedModel(NAME, path=Path("/models/x.gguf"))
 T = TypeVar("T")
@@ -203,8 +205,8 @@ def test_a_route_adds_its_system_prompt_and_defaults_under_the_requests_own_valu
 
 def test_complete_uses_the_public_name_and_a_fresh_id() -> None:
     backend = ScriptedBackend()
-    completion, answered = run(service.complete(dispatcher(backend), TENANT, plan(), chat_request()))
-    again, _ = run(service.complete(dispatcher(backend), TENANT, plan(), chat_request()))
+    completion, answered = run(service.complete(dispatcher(backend), CALLER, plan(), chat_request()))
+    again, _ = run(service.complete(dispatcher(backend), CALLER, plan(), chat_request()))
     assert completion.model == NAME and completion.id.startswith("chatcmpl-") and again.id != completion.id
     assert completion.choices[0].message.content == "Hello" and completion.choices[0].finish_reason == "stop"
     assert completion.usage.model_dump() == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -215,7 +217,7 @@ def test_complete_uses_the_public_name_and_a_fresh_id() -> None:
 @pytest.mark.parametrize("seed, seeds", [(7, [7, 8]), (None, [None, None])])
 def test_n_choices_move_a_set_seed_by_one(seed: int | None, seeds: list[int | None]) -> None:
     backend = ScriptedBackend()
-    completion, _ = run(service.complete(dispatcher(backend), TENANT, plan(), chat_request(n=2, seed=seed)))
+    completion, _ = run(service.complete(dispatcher(backend), CALLER, plan(), chat_request(n=2, seed=seed)))
     assert [request.sampling.seed for request in backend.requests] == seeds
     assert [choice.index for choice in completion.choices] == [0, 1]
     assert completion.usage.model_dump() == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
@@ -223,7 +225,7 @@ def test_n_choices_move_a_set_seed_by_one(seed: int | None, seeds: list[int | No
 
 def test_a_failing_model_is_an_error_not_a_completion() -> None:
     with pytest.raises(InferenceUnavailable):
-        run(service.complete(dispatcher(ScriptedBackend(error=InferenceUnavailable("down"))), TENANT, plan(),
+        run(service.complete(dispatcher(ScriptedBackend(error=InferenceUnavailable("down"))), CALLER, plan(),
                              chat_request()))
 
 
@@ -231,7 +233,7 @@ def test_a_failing_model_is_an_error_not_a_completion() -> None:
 
 
 async def collect(backend: ScriptedBackend, request: ChatCompletionRequest) -> list[bytes]:
-    _answered, chunks = await service.stream(dispatcher(backend), TENANT, plan(), request)
+    _answered, chunks = await service.stream(dispatcher(backend), CALLER, plan(), request)
     return [event async for event in service.sse(chunks)]
 
 

@@ -8,6 +8,7 @@ The real ``Dispatcher`` and ``ModelLimiter`` run against a scripted backend and 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from afina.core.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from afina.core.keys import KeyGrant
 from afina.core.routing import RouteOptions, RouteSpec, RouteTarget
 from afina.gateway.inference.base import (
     LOCAL_BACKEND,
@@ -39,10 +41,12 @@ from afina.gateway.inference.base import (
 )
 from afina.gateway.serving.defaults import with_route_options, with_route_system
 from afina.gateway.serving.dispatch import Dispatcher
+from afina.gateway.serving.exchange import Exchange
 from afina.gateway.serving.limiter import ModelLimiter
 from afina.gateway.serving.resolve import Plan, model_not_found, pick_target, plan_for_route
 
 TENANT = "tenant-1"
+CALLER = KeyGrant(tenant_id=TENANT, prefix="afk-test00")
 T = TypeVar("T")
 SLOW_S = 30.0  # what a hung model takes; every test that meets one gives up long before
 ROUTE_TIMEOUT_S = 0.25  # a route's timeout_s in these tests: short, yet ample for a scripted answer
@@ -249,7 +253,7 @@ def test_a_failing_target_gives_way_to_the_next(script: Script) -> None:
     dispatch = Dispatcher(resolver, StaticBackends({LOCAL_BACKEND: backend}),  # type: ignore[arg-type]
                           ModelLimiter(max_queue=4, queue_timeout_s=5))
     plan = route_plan("a", "b", "c", timeout_s=ROUTE_TIMEOUT_S)
-    generation, answered = run(dispatch.generate(TENANT, plan, build))
+    generation, answered = run(dispatch.generate(CALLER, plan, build))
     assert generation.text == "Hello" and answered.target.label == "b" and answered.served.name == "b"
     assert backend.calls == ["a", "b"]
     assert resolver.served_calls == ["a", "b"]  # a later fallback costs nothing while one before answers
@@ -257,14 +261,14 @@ def test_a_failing_target_gives_way_to_the_next(script: Script) -> None:
 
 def test_a_deleted_target_of_a_route_gives_way() -> None:
     backend = ScriptedBackend()
-    generation, answered = run(dispatcher(backend, {"b"}).generate(TENANT, route_plan("gone", "b"), build))
+    generation, answered = run(dispatcher(backend, {"b"}).generate(CALLER, route_plan("gone", "b"), build))
     assert answered.target.label == "b" and backend.calls == ["b"]
 
 
 def test_the_callers_mistake_does_not_fall_back() -> None:
     backend = ScriptedBackend({"a": Script(error=InvalidRequest("bad grammar", param="response_format"))})
     with pytest.raises(InvalidRequest) as caught:
-        run(dispatcher(backend, {"a", "b"}).generate(TENANT, route_plan("a", "b"), build))
+        run(dispatcher(backend, {"a", "b"}).generate(CALLER, route_plan("a", "b"), build))
     assert caught.value.param == "response_format" and backend.calls == ["a"]
 
 
@@ -272,14 +276,14 @@ def test_a_model_named_directly_that_is_gone_is_the_callers_404() -> None:
     backend = ScriptedBackend()
     plan = Plan(requested="gone", candidates=[RouteTarget(model="gone")])
     with pytest.raises(NotFound) as caught:
-        run(dispatcher(backend, set()).generate(TENANT, plan, build))
+        run(dispatcher(backend, set()).generate(CALLER, plan, build))
     assert caught.value.code == "model_not_found" and caught.value.http_status == 404
     assert backend.calls == []
 
 
 def test_the_first_target_that_answers_is_the_only_one_asked() -> None:
     backend = ScriptedBackend()
-    generation, answered = run(dispatcher(backend, {"a", "b"}).generate(TENANT, route_plan("a", "b"), build))
+    generation, answered = run(dispatcher(backend, {"a", "b"}).generate(CALLER, route_plan("a", "b"), build))
     assert answered.target.label == "a" and backend.calls == ["a"]
     assert backend.requests[0].model == answered.served
 
@@ -298,7 +302,7 @@ def test_the_first_target_that_answers_is_the_only_one_asked() -> None:
 def test_when_every_target_fails(scripts: list[Script], expected: type[AfinaError], status: int) -> None:
     backend = ScriptedBackend({"a": scripts[0], "b": scripts[1]})
     with pytest.raises(expected) as caught:
-        run(dispatcher(backend, {"a", "b"}).generate(TENANT, route_plan("a", "b", timeout_s=ROUTE_TIMEOUT_S),
+        run(dispatcher(backend, {"a", "b"}).generate(CALLER, route_plan("a", "b", timeout_s=ROUTE_TIMEOUT_S),
                                                      build))
     error = caught.value
     assert error.http_status == status and backend.calls == ["a", "b"]
@@ -312,19 +316,19 @@ def test_when_every_target_fails(scripts: list[Script], expected: type[AfinaErro
 def test_a_429_without_retry_after_asks_for_a_second() -> None:
     backend = ScriptedBackend({"a": Script(error=UpstreamError("slow down", status=429))})
     with pytest.raises(Overloaded) as caught:
-        run(dispatcher(backend, {"a"}).generate(TENANT, route_plan("a"), build))
+        run(dispatcher(backend, {"a"}).generate(CALLER, route_plan("a"), build))
     assert caught.value.retry_after_s == 1.0
     assert "tried" not in caught.value.message  # one target: nothing to count
 
 
 def test_a_route_whose_targets_are_all_gone_fails_upstream_not_404() -> None:
     with pytest.raises(UpstreamFailed):
-        run(dispatcher(ScriptedBackend(), set()).generate(TENANT, route_plan("gone", "also-gone"), build))
+        run(dispatcher(ScriptedBackend(), set()).generate(CALLER, route_plan("gone", "also-gone"), build))
 
 
 def test_embeddings_fall_back_too() -> None:
     backend = ScriptedBackend({"a": Script(error=UpstreamError("down"))})
-    embeddings, answered = run(dispatcher(backend, {"a", "b"}).embed(TENANT, route_plan("a", "b"), ["ab", "c"]))
+    embeddings, answered = run(dispatcher(backend, {"a", "b"}).embed(CALLER, route_plan("a", "b"), ["ab", "c"]))
     assert embeddings.vectors == [[2.0], [1.0]] and answered.target.label == "b"
 
 
@@ -342,7 +346,7 @@ def test_a_stream_falls_back_before_its_first_piece(script: Script) -> None:
 
     async def scenario() -> tuple[Any, list[Any]]:
         plan = route_plan("a", "b", timeout_s=ROUTE_TIMEOUT_S)
-        answer = await dispatcher(backend, {"a", "b"}).stream(TENANT, plan, build)
+        answer = await dispatcher(backend, {"a", "b"}).stream(CALLER, plan, build)
         return answer, await drain(answer.pieces)
 
     answer, pieces = run(scenario())
@@ -356,7 +360,7 @@ def test_a_stream_that_fails_after_its_first_piece_does_not_fall_back() -> None:
     received: list[Any] = []
 
     async def scenario() -> None:
-        answer = await dispatcher(backend, {"a", "b"}).stream(TENANT, route_plan("a", "b"), build)
+        answer = await dispatcher(backend, {"a", "b"}).stream(CALLER, route_plan("a", "b"), build)
         async for piece in answer.pieces:
             received.append(piece)
 
@@ -368,7 +372,7 @@ def test_a_stream_that_fails_after_its_first_piece_does_not_fall_back() -> None:
 def test_a_stream_that_no_target_starts_is_an_error_before_any_piece() -> None:
     backend = ScriptedBackend({"a": Script(error=UpstreamError("down")), "b": Script(error=UpstreamError("down"))})
     with pytest.raises(UpstreamFailed):
-        run(dispatcher(backend, {"a", "b"}).stream(TENANT, route_plan("a", "b"), build))
+        run(dispatcher(backend, {"a", "b"}).stream(CALLER, route_plan("a", "b"), build))
     assert backend.closed_streams == ["a", "b"]
 
 
@@ -377,13 +381,13 @@ def test_closing_a_stream_early_closes_the_backends_iterator_and_frees_the_slot(
     dispatch = dispatcher(backend, {"a"}, per_model=1, queue_timeout_s=0.2)
 
     async def scenario() -> None:
-        answer = await dispatch.stream(TENANT, route_plan("a"), build)
+        answer = await dispatch.stream(CALLER, route_plan("a"), build)
         assert await anext(answer.pieces) == TextDelta("x")
         assert await anext(answer.pieces) == TextDelta("x")
         await answer.pieces.aclose()  # the caller went away
         assert backend.closed_streams == ["a"]
         # the model's only slot is free again: the next caller does not wait for the queue timeout
-        generation, _ = await dispatch.generate(TENANT, route_plan("a"), build)
+        generation, _ = await dispatch.generate(CALLER, route_plan("a"), build)
         assert generation.completion_tokens == 100
 
     run(scenario())
@@ -396,10 +400,10 @@ def test_closing_a_stream_before_reading_it_closes_the_backends_iterator_and_fre
     dispatch = dispatcher(backend, {"a"}, per_model=1, queue_timeout_s=0.2)
 
     async def scenario() -> None:
-        answer = await dispatch.stream(TENANT, route_plan("a"), build)
+        answer = await dispatch.stream(CALLER, route_plan("a"), build)
         await answer.pieces.aclose()
         assert backend.closed_streams == ["a"]
-        generation, _ = await dispatch.generate(TENANT, route_plan("a"), build)
+        generation, _ = await dispatch.generate(CALLER, route_plan("a"), build)
         assert generation.completion_tokens == 100
 
     run(scenario())
@@ -554,3 +558,75 @@ def test_route_options_fill_what_the_request_left_unset() -> None:
 def test_no_route_options_leave_the_sampling_as_it_is() -> None:
     sampling = Sampling(temperature=0.7)
     assert with_route_options(Plan(requested="m", candidates=[RouteTarget(model="m")]), sampling) is sampling
+
+
+# --- observers ----------------------------------------------------------------------------------------------
+
+def test_observers_learn_of_each_answered_call_once_with_its_tokens_and_target() -> None:
+    seen: list[Exchange] = []
+
+    async def observe(exchange: Exchange) -> None:
+        seen.append(exchange)
+
+    async def failing(_exchange: Exchange) -> None:
+        raise RuntimeError("an observer's own fault")
+
+    backend = ScriptedBackend({"a": Script(error=UpstreamError("down")), "b": Script(pieces=["x", "y"])})
+    dispatch = dispatcher(backend, {"a", "b"})
+    dispatch.observers = [failing, observe]  # a failing observer neither breaks the answer nor the next one
+
+    async def scenario() -> str:
+        generation, answered = await dispatch.generate(CALLER, route_plan("a", "b"), build)
+        answer = await dispatch.stream(CALLER, route_plan("a", "b"), build)
+        text = "".join([piece.text async for piece in answer.pieces if isinstance(piece, TextDelta)])
+        await dispatch.embed(CALLER, route_plan("b"), ["abc"])
+        return f"{generation.text}|{text}|{answered.exchange_id == seen[0].id}"
+
+    assert run(scenario()) == "xy|xy|True"
+    assert [(e.target, e.stream, e.completion_tokens, e.caller) for e in seen] == [
+        ("b", False, 2, CALLER), ("b", True, 2, CALLER), ("b", False, 0, CALLER)]
+    assert seen[1].first_piece_seconds is not None and seen[1].request is not None and seen[2].request is None
+    assert len({exchange.id for exchange in seen}) == 3 and all(exchange.plan.route == "r" for exchange in seen)
+
+
+def test_a_stream_closed_before_its_end_is_no_answered_exchange() -> None:
+    seen: list[Exchange] = []
+
+    async def observe(exchange: Exchange) -> None:
+        seen.append(exchange)
+
+    dispatch = dispatcher(ScriptedBackend({"a": Script(pieces=["x", "y", "z"])}), {"a"})
+    dispatch.observers = [observe]
+
+    async def scenario() -> None:
+        answer = await dispatch.stream(CALLER, route_plan("a"), build)
+        await anext(answer.pieces)
+        await answer.pieces.aclose()  # type: ignore[attr-defined]
+
+    run(scenario())
+    assert seen == []
+
+
+def test_a_newcomer_who_would_wait_past_the_time_bound_is_refused_at_once() -> None:
+    """The queue is bounded in time too: the model's recent call time x the calls ahead."""
+    limiter = ModelLimiter(max_queue=100, queue_timeout_s=5.0, max_wait_s=0.3)
+
+    async def hold(seconds: float) -> None:
+        async with limiter.slot("m", 1, label="m"):
+            await asyncio.sleep(seconds)
+
+    async def scenario() -> tuple[float, int]:
+        await hold(0.2)  # one call teaches the limiter that a call takes about 0.2 s
+        first = asyncio.create_task(hold(0.2))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(hold(0.2))  # 1 ahead x 0.2 s: waits
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded) as refused:  # 2 ahead x 0.2 s > 0.3 s: refused without waiting
+            await hold(0.2)
+        refused_after = time.perf_counter() - started
+        await asyncio.gather(first, second)
+        return refused_after, int(refused.value.retry_after_s)
+
+    refused_after, retry_after = run(scenario())
+    assert refused_after < 0.05 and retry_after >= 1

@@ -6,9 +6,6 @@ import argparse
 
 import uvicorn
 
-from afina.core.logging import configure_logging
-from afina.core.runtime import Runtime
-from afina.core.settings import get_settings
 from afina.gateway.app import create_app
 
 
@@ -17,10 +14,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    settings = get_settings()
-    configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(create_app(Runtime(settings)), host=args.host, port=args.port, log_config=None,
-                proxy_headers=False)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None, proxy_headers=False)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import FastAPI, Response
 
-from afina.core.logging import log_event
+from afina.core.logging import configure_logging, log_event
 from afina.core.metrics import render_latest
 from afina.core.runtime import Runtime
 from afina.core.scratch import sweep_stale_scratch
 from afina.core.settings import get_settings
+from afina.gateway.captures.router import router as captures_router
 from afina.gateway.chat.router import router as chat_router
 from afina.gateway.completions.router import router as completions_router
 from afina.gateway.embeddings.router import router as embeddings_router
@@ -25,14 +26,17 @@ from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
 from afina.gateway.inference.files import ModelFileCache
 from afina.gateway.limits import RequestLimitsMiddleware
-from afina.gateway.middleware import MetricsMiddleware
+from afina.gateway.middleware import MetricsMiddleware, RateLimitHeadersMiddleware
 from afina.gateway.models.router import router as models_router
 from afina.gateway.ollama.router import root_router as ollama_root_router
 from afina.gateway.ollama.router import router as ollama_router
 from afina.gateway.routes.router import router as routes_router
 from afina.gateway.serving.backends import Backends
+from afina.gateway.serving.capture import CaptureObserver
 from afina.gateway.serving.dispatch import Dispatcher
 from afina.gateway.serving.limiter import ModelLimiter
+from afina.gateway.serving.observers import TokenMeter, access_log, record_metrics
+from afina.gateway.serving.ratelimit import open_rate_limiter
 from afina.gateway.serving.resolve import Resolver
 
 VERSION = "0.1.0"
@@ -40,12 +44,18 @@ VERSION = "0.1.0"
 
 def create_app(runtime: Runtime | None = None) -> FastAPI:
     """A gateway on ``runtime`` (by default one built from the environment's settings)."""
-    runtime = runtime or Runtime(get_settings())
+    if runtime is None:  # ``uvicorn --factory``: the process is the gateway's, and so is its logging
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_json)
+        runtime = Runtime(settings)
     settings = runtime.settings
     backends = Backends(settings)
     resolver = Resolver(runtime, ModelFileCache(runtime), serve_from_ollama=backends.serves_from_ollama)
+    rate_limiter = open_rate_limiter(settings)
     dispatcher = Dispatcher(resolver, backends, ModelLimiter(max_queue=settings.model_max_queue,
-                                                             queue_timeout_s=settings.model_queue_timeout_s))
+                                                             queue_timeout_s=settings.model_queue_timeout_s,
+                                                             max_wait_s=settings.model_max_queue_wait_s),
+                            observers=[TokenMeter(rate_limiter), record_metrics, access_log, CaptureObserver(runtime)])
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +66,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             yield
         finally:
             await backends.close()
+            await rate_limiter.close()
             log_event(log, "gateway.stopped")
 
     # the API's own map (/docs, /redoc, /openapi.json) only where the operator wants it: local mode, or
@@ -67,11 +78,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                   openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
     app.state.dispatcher = dispatcher
+    app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, settings=runtime.settings)  # key and body size before the body
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     for router in (files_router, fine_tuning_router, models_router, chat_router, completions_router,
-                   embeddings_router, routes_router):
+                   embeddings_router, captures_router, routes_router):  # captures before routes: see its router
         app.include_router(router)
     # Ollama's API has no OpenAPI document of its own; afina's would only restate docs/api.md
     app.include_router(ollama_router, include_in_schema=False)

@@ -32,6 +32,7 @@ class ErrorResponse(BaseModel):
 ERROR_MEANINGS = {
     400: "Invalid request: the message says what to change, `param` names the parameter or form field.",
     401: "Missing, malformed, unknown, revoked or expired API key.",
+    403: "The API key lacks the scope this route needs (inference, fine-tune or admin).",
     404: "No such object for this API key's tenant (another tenant's objects answer exactly like missing ones).",
     409: "The object's state does not allow this (e.g. cancelling a job that already ended).",
     413: "The request body or the uploaded file is larger than the server's limit.",
@@ -54,7 +55,8 @@ HEADERS = {
     503: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"},
                           "required": True}},
 }
-COMMON_STATUSES = (400, 401, 500, 503)  # every authenticated route: its input, its key, a fault, a dependency
+COMMON_STATUSES = (400, 401, 403, 500, 503)  # every authenticated route: its input, its key and its scope,
+# a fault, a dependency
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -62,7 +62,7 @@ async def _afina_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.http_status == 503:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        headers = {**exc.headers, "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     if exc.http_status >= 500:
         log_event(log, "request.failed", logging.WARNING, path=request.url.path, code=exc.code, message=exc.message)
     return error_response(request, exc.http_status, exc.message, error_type=exc.error_type, param=exc.param,

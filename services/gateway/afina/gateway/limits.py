@@ -5,7 +5,7 @@ included, so without this a client with no key could make the gateway read and p
 a body of any size. This middleware (pure ASGI: nothing is buffered) steps in at the
 moment the app first asks for the body, when routing has chosen the route:
 
-* 401 when the route needs a key (it depends on ``current_tenant``) and the request has
+* 401 when the route needs a key (it depends on ``current_key``) and the request has
   no ``Authorization: Bearer <key>`` header, or a malformed one: no byte of the body is
   read. Whether the key is valid is the route's own dependency; routes that read no body
   (every GET, and the upload route, which streams its body itself after its dependencies
@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from afina.core.errors import AuthenticationFailed
 from afina.core.settings import Settings
-from afina.gateway.deps import bearer_token, current_tenant
+from afina.gateway.deps import bearer_token, current_key
 from afina.gateway.errors import error_response
 from afina.gateway.files.upload import upload_body_limit
 
@@ -138,7 +138,7 @@ class RequestLimitsMiddleware:
             return _OPEN
         policy = self._policies.get(id(route))
         if policy is None:
-            policy = _Policy(authenticated=_depends_on(route, current_tenant),
+            policy = _Policy(authenticated=_depends_on(route, current_key),
                              upload=bool(getattr(getattr(route, "endpoint", None), _UPLOAD_MARK, False)))
             self._policies[id(route)] = policy
         return policy

@@ -42,6 +42,10 @@ class ApiKey(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # afina.core.keys: the scopes it grants (None: every scope, as keys made before scopes) and its limits
+    scopes: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class File(Base):
@@ -157,6 +161,33 @@ class Route(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # RouteSpec.to_row()
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class CapturedExchange(Base):
+    """One answered chat of a route with capture on (``afina.core.routing.RouteCapture``), already redacted.
+
+    ``id`` is the exchange's (an OpenAI chat completion is ``chatcmpl-<id>``); ``messages`` are the request's
+    (the route's system prompt included); ``correction`` replaces ``answer`` in training data. ``used_in_job``
+    is the fine-tuning job that took the exchange (while a job is being started: its ``claim-…`` token).
+    """
+
+    __tablename__ = "captured_exchanges"
+    __table_args__ = (Index("ix_captured_exchanges_route", "tenant_id", "route", "used_in_job"),
+                      Index("ix_captured_exchanges_seq", "tenant_id", "route", "seq"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    route: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    seq: Mapped[int] = mapped_column(BigInteger, autoincrement=False)  # nanoseconds: the order they were kept in
+    target: Mapped[str] = mapped_column(String(600))  # the route target's label (``upstream/model`` or a model)
+    model: Mapped[str] = mapped_column(String(600))  # what the backend served
+    messages: Mapped[list[Any]] = mapped_column(JSON)
+    answer: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    feedback: Mapped[str | None] = mapped_column(String(8), nullable=True)  # "up" or "down"
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    used_in_job: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class OutboxMessage(Base):

@@ -13,8 +13,20 @@ from sqlalchemy.orm import Session
 
 from afina.core import ids
 from afina.core.db.clock import database_time, now_sql
-from afina.core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, Route, Tenant, now
+from afina.core.db.models import (
+    ApiKey,
+    CapturedExchange,
+    Checkpoint,
+    File,
+    Job,
+    JobEvent,
+    Model,
+    Route,
+    Tenant,
+    now,
+)
 from afina.core.errors import AuthenticationFailed, Conflict, InvalidRequest, LeaseLost, NotFound
+from afina.core.keys import ALL_SCOPES, KeyGrant, Scope, check_scopes
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"validating_files", "queued", "running"})
@@ -53,6 +65,9 @@ class ApiKeyInfo:
     expires_at: int | None
     revoked: bool
     revoked_at: int | None  # None for a key revoked before revocation times were kept
+    scopes: tuple[Scope, ...] = ALL_SCOPES
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
     def state(self, moment: float | None = None) -> str:
         """``active``, ``revoked`` or ``expired`` (at ``moment``, default now)."""
@@ -66,16 +81,30 @@ class ApiKeyInfo:
 def _key_info(row: ApiKey) -> ApiKeyInfo:
     return ApiKeyInfo(prefix=row.prefix, tenant_id=row.tenant_id, name=row.name, created_at=row.created_at,
                       expires_at=row.expires_at, revoked=bool(row.revoked or row.revoked_at is not None),
-                      revoked_at=row.revoked_at)
+                      revoked_at=row.revoked_at, scopes=_scopes(row), requests_per_minute=row.requests_per_minute,
+                      tokens_per_minute=row.tokens_per_minute)
+
+
+def _scopes(row: ApiKey) -> tuple[Scope, ...]:
+    return check_scopes(row.scopes) if row.scopes else ALL_SCOPES
 
 
 def create_api_key(session: Session, tenant_id: str, *, expires_at: int | None = None,
-                   name: str | None = None) -> str:
+                   name: str | None = None, scopes: tuple[str, ...] | list[str] | None = None,
+                   requests_per_minute: int | None = None, tokens_per_minute: int | None = None) -> str:
     """Create a key for a tenant (made if new); the plaintext is returned once and never stored.
 
-    ``expires_at`` (epoch seconds) ends the key's life by itself; ``name`` says what it is for. The
-    key's prefix is unique among stored keys, so ``revoke_api_key`` can name it by that alone.
+    ``expires_at`` (epoch seconds) ends the key's life by itself; ``name`` says what it is for; ``scopes``
+    (default: all) what it may do; the limits how much per minute (default: the gateway's). The key's
+    prefix is unique among stored keys, so ``revoke_api_key`` can name it by that alone.
     """
+    try:
+        granted = list(check_scopes(scopes)) if scopes is not None else None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="scopes") from None
+    for param, limit in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
+        if limit is not None and limit < 1:
+            raise InvalidRequest(f"{param} is at least 1 (leave it out for the gateway's default)", param=param)
     if name is not None and (not name.strip() or len(name) > API_KEY_NAME_MAX):
         raise InvalidRequest(f"a key's name has 1 to {API_KEY_NAME_MAX} characters", param="name")
     if expires_at is not None and expires_at <= time.time():
@@ -87,7 +116,8 @@ def create_api_key(session: Session, tenant_id: str, *, expires_at: int | None =
         if session.scalars(select(ApiKey.prefix).where(ApiKey.prefix == prefix)).first() is None:
             break
     session.add(ApiKey(key_hash=hash_api_key(api_key), prefix=prefix, tenant_id=tenant_id, name=name,
-                       expires_at=expires_at))
+                       expires_at=expires_at, scopes=granted, requests_per_minute=requests_per_minute,
+                       tokens_per_minute=tokens_per_minute))
     return api_key
 
 
@@ -120,8 +150,8 @@ def revoke_api_key(session: Session, prefix_or_key: str, tenant_id: str | None =
     return _key_info(row)
 
 
-def authenticate(session: Session, api_key: str | None) -> str:
-    """The tenant owning ``api_key``; ``AuthenticationFailed`` otherwise.
+def authenticate_key(session: Session, api_key: str | None) -> KeyGrant:
+    """What ``api_key`` grants; ``AuthenticationFailed`` otherwise.
 
     An unknown, revoked and expired key get the same answer: a caller learns nothing about which keys exist.
     """
@@ -131,7 +161,13 @@ def authenticate(session: Session, api_key: str | None) -> str:
     if row is None or row.revoked or row.revoked_at is not None \
             or (row.expires_at is not None and row.expires_at <= time.time()):
         raise AuthenticationFailed("incorrect API key provided")
-    return row.tenant_id
+    return KeyGrant(tenant_id=row.tenant_id, prefix=row.prefix, scopes=_scopes(row),
+                    requests_per_minute=row.requests_per_minute, tokens_per_minute=row.tokens_per_minute)
+
+
+def authenticate(session: Session, api_key: str | None) -> str:
+    """The tenant owning ``api_key`` (see ``authenticate_key``)."""
+    return authenticate_key(session, api_key).tenant_id
 
 
 # files ----------------------------------------------------------------------
@@ -334,6 +370,119 @@ def delete_route(session: Session, tenant_id: str, name: str) -> bool:
         return False
     session.delete(row)
     return True
+
+
+# captured exchanges ---------------------------------------------------------
+# A route's kept chats (afina.core.routing.RouteCapture). Every query names the tenant; a retraining job takes
+# the unused ones by a claim (a conditional update), so two triggers at once never train on the same rows.
+
+CLAIM_PREFIX = "claim-"  # ``used_in_job`` while a job is being started from the rows
+
+
+def new_capture_claim() -> str:
+    """A claim token that says when it was taken (``claim-<epoch seconds>-<random>``), so a stale one is found."""
+    return f"{CLAIM_PREFIX}{int(time.time()):010d}-{secrets.token_hex(6)}"
+
+
+def add_captured_exchange(session: Session, *, exchange_id: str, tenant_id: str, route: str, target: str,
+                          model: str, messages: list[dict[str, Any]], answer: str,
+                          finish_reason: str) -> CapturedExchange | None:
+    """Keep one exchange (already redacted); None when that id is kept already (an observer told twice)."""
+    if session.get(CapturedExchange, exchange_id) is not None:
+        return None
+    ensure_tenant(session, tenant_id)
+    row = CapturedExchange(id=exchange_id, tenant_id=tenant_id, route=route, created_at=now(), seq=time.time_ns(),
+                           target=target, model=model, messages=messages, answer=answer, finish_reason=finish_reason)
+    session.add(row)
+    return row
+
+
+def get_captured_exchange(session: Session, tenant_id: str, exchange_id: str) -> CapturedExchange | None:
+    row = session.get(CapturedExchange, exchange_id)
+    if row is None or row.tenant_id != tenant_id:
+        return None
+    return row
+
+
+def has_captured_exchanges(session: Session, tenant_id: str, route: str) -> bool:
+    return session.scalars(select(CapturedExchange.id).where(CapturedExchange.tenant_id == tenant_id,
+                                                             CapturedExchange.route == route).limit(1)).first() \
+        is not None
+
+
+def list_captured_exchanges(session: Session, tenant_id: str, route: str, after: str | None,
+                            limit: int) -> tuple[list[CapturedExchange], bool]:
+    """Newest first; ``after`` is the id of the last exchange of the previous page (NotFound if it is not one
+    of this route's)."""
+    query = select(CapturedExchange).where(CapturedExchange.tenant_id == tenant_id, CapturedExchange.route == route)
+    if after:
+        anchor = get_captured_exchange(session, tenant_id, after)
+        if anchor is None or anchor.route != route:
+            raise NotFound(f"no such captured exchange: {after}", param="after")
+        query = query.where(or_(CapturedExchange.seq < anchor.seq,
+                                (CapturedExchange.seq == anchor.seq) & (CapturedExchange.id < anchor.id)))
+    rows = list(session.scalars(query.order_by(CapturedExchange.seq.desc(), CapturedExchange.id.desc())
+                                .limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def captured_exchanges_for_dataset(session: Session, tenant_id: str, route: str, *, unused_only: bool = False,
+                                   claim: str | None = None) -> list[CapturedExchange]:
+    """Oldest first: every exchange of the route, those no job used yet, or those ``claim`` holds."""
+    query = select(CapturedExchange).where(CapturedExchange.tenant_id == tenant_id, CapturedExchange.route == route)
+    if claim is not None:
+        query = query.where(CapturedExchange.used_in_job == claim)
+    elif unused_only:
+        query = query.where(CapturedExchange.used_in_job.is_(None))
+    return list(session.scalars(query.order_by(CapturedExchange.seq, CapturedExchange.id)))
+
+
+def count_unused_captures(session: Session, tenant_id: str, route: str) -> int:
+    return session.scalar(select(func.count()).select_from(CapturedExchange).where(
+        CapturedExchange.tenant_id == tenant_id, CapturedExchange.route == route,
+        CapturedExchange.used_in_job.is_(None))) or 0
+
+
+def claim_unused_captures(session: Session, tenant_id: str, route: str, claim: str, *,
+                          stale_after_s: float) -> int:
+    """Mark every unused exchange of the route with ``claim`` in one conditional update; how many it took.
+
+    The update only takes rows still unused, so of two triggers at once the second takes none of the first's
+    (on PostgreSQL it waits for the first's rows and skips them; SQLite runs one writer at a time). Claims
+    older than ``stale_after_s`` (a gateway that died while starting a job) are released first.
+    """
+    stale = f"{CLAIM_PREFIX}{int(time.time() - stale_after_s):010d}"
+    session.execute(update(CapturedExchange)
+                    .where(CapturedExchange.tenant_id == tenant_id, CapturedExchange.route == route,
+                           CapturedExchange.used_in_job.startswith(CLAIM_PREFIX, autoescape=True),
+                           CapturedExchange.used_in_job < stale)
+                    .values(used_in_job=None).execution_options(synchronize_session=False))
+    result = session.execute(update(CapturedExchange)
+                             .where(CapturedExchange.tenant_id == tenant_id, CapturedExchange.route == route,
+                                    CapturedExchange.used_in_job.is_(None))
+                             .values(used_in_job=claim).execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+def settle_capture_claim(session: Session, tenant_id: str, route: str, claim: str, job_id: str | None) -> int:
+    """The claimed exchanges now belong to ``job_id`` (None: released, unused again); how many."""
+    result = session.execute(update(CapturedExchange)
+                             .where(CapturedExchange.tenant_id == tenant_id, CapturedExchange.route == route,
+                                    CapturedExchange.used_in_job == claim)
+                             .values(used_in_job=job_id).execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+def set_capture_feedback(session: Session, tenant_id: str, exchange_id: str, rating: str,
+                         correction: str | None) -> CapturedExchange:
+    """Record (or replace) the feedback on one of the tenant's exchanges; NotFound for any other id."""
+    row = session.scalars(select(CapturedExchange).where(CapturedExchange.id == exchange_id,
+                                                         CapturedExchange.tenant_id == tenant_id)
+                          .with_for_update()).first()
+    if row is None:
+        raise NotFound(f"no captured exchange {exchange_id}", param="completion_id")
+    row.feedback, row.correction = rating, correction
+    return row
 
 
 # leases ---------------------------------------------------------------------

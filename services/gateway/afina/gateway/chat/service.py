@@ -7,7 +7,6 @@ the name the caller asked for and one ``chatcmpl-`` id. ``n`` choices are ``n`` 
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -16,7 +15,7 @@ from typing import Any
 import orjson
 
 from afina.core.errors import AfinaError, InvalidRequest, UpstreamFailed
-from afina.core.metrics import INFERENCE_TOKENS
+from afina.core.keys import KeyGrant
 from afina.gateway.chat.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -88,31 +87,28 @@ def nth_choice(request: GenerationRequest, index: int) -> GenerationRequest:
     return replace(request, sampling=replace(request.sampling, seed=request.sampling.seed + index))
 
 
-def meter(generation: Generation) -> None:
-    INFERENCE_TOKENS.labels(kind="prompt").inc(generation.prompt_tokens)
-    INFERENCE_TOKENS.labels(kind="completion").inc(generation.completion_tokens)
+def completion_id(answered: Answered) -> str:
+    """The exchange's id, so that feedback and captured data can name the completion a client saw."""
+    return f"chatcmpl-{answered.exchange_id}"
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{secrets.token_hex(12)}"
-
-
-async def complete(dispatcher: Dispatcher, tenant_id: str, plan: Plan,
+async def complete(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan,
                    request: ChatCompletionRequest) -> tuple[ChatCompletion, Answered]:
     generations: list[Generation] = []
-    answered: Answered | None = None
+    first: Answered | None = None  # the completion's id is the first choice's exchange (what feedback names)
     for index in range(request.n or 1):
         generation, answered = await dispatcher.generate(
-            tenant_id, plan if answered is None else _pinned(plan, answered),
+            caller, plan if first is None else _pinned(plan, first),
             lambda model, index=index: nth_choice(generation_request(request, plan, model), index))
-        meter(generation)
+        first = first or answered
         generations.append(generation)
-    assert answered is not None
+    assert first is not None
+    answered = first
     prompt_tokens = generations[0].prompt_tokens
     completion_tokens = sum(generation.completion_tokens for generation in generations)
     choices = [Choice(index=index, message=AssistantMessage(content=generation.text),
                       finish_reason=generation.finish_reason) for index, generation in enumerate(generations)]
-    return ChatCompletion(id=completion_id(), created=int(time.time()), model=plan.requested, choices=choices,
+    return ChatCompletion(id=completion_id(answered), created=int(time.time()), model=plan.requested, choices=choices,
                           usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                       total_tokens=prompt_tokens + completion_tokens)), answered
 
@@ -122,22 +118,21 @@ def _pinned(plan: Plan, answered: Answered) -> Plan:
     return replace(plan, candidates=[answered.target])
 
 
-async def stream(dispatcher: Dispatcher, tenant_id: str, plan: Plan,
+async def stream(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan,
                  request: ChatCompletionRequest) -> tuple[Answered, AsyncIterator[dict[str, Any]]]:
     """OpenAI chunk dicts; the first choice's stream has started when this returns (so a model that cannot
     answer is an HTTP error, and a fallback can still take over). The usage chunk (empty ``choices``) comes
     last, only when asked for."""
-    first = await dispatcher.stream(tenant_id, plan, lambda model: generation_request(request, plan, model))
+    first = await dispatcher.stream(caller, plan, lambda model: generation_request(request, plan, model))
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
+        base = {"id": completion_id(first.answered), "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": plan.requested, "system_fingerprint": None}
         extra = {"usage": None} if include_usage else {}
         prompt_tokens = completion_tokens = 0
         for index in range(request.n or 1):
-            pieces = first.pieces if index == 0 else (await dispatcher.stream(
-                tenant_id, _pinned(plan, first.answered),
+            pieces = first.pieces if index == 0 else (await dispatcher.stream(caller, _pinned(plan, first.answered),
                 lambda model, index=index: nth_choice(generation_request(request, plan, model), index))).pieces
             yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}], **extra}
@@ -146,7 +141,6 @@ async def stream(dispatcher: Dispatcher, tenant_id: str, plan: Plan,
                     yield {**base, "choices": [{"index": index, "delta": {"content": piece.text},
                                                 "finish_reason": None, "logprobs": None}], **extra}
                     continue
-                meter(piece)
                 prompt_tokens, completion_tokens = piece.prompt_tokens, completion_tokens + piece.completion_tokens
                 yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": piece.finish_reason,
                                             "logprobs": None}], **extra}

@@ -8,12 +8,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from afina.gateway.chat.service import sse
 from afina.gateway.completions import service
 from afina.gateway.completions.protocol import Completion, CompletionRequest
-from afina.gateway.deps import DispatcherDep, EndUserDep, TenantDep
+from afina.gateway.deps import CallerDep, DispatcherDep, EndUserDep, rate_limited, require
 from afina.gateway.error_protocol import error_responses, sse_event
 from afina.gateway.params import refuse_nul_params
 from afina.gateway.serving.headers import SSE_HEADERS, target_headers
 
-router = APIRouter(prefix="/v1", tags=["completions"], dependencies=[Depends(refuse_nul_params)])
+router = APIRouter(prefix="/v1", tags=["completions"],
+                   dependencies=[Depends(refuse_nul_params), Depends(require("inference")), Depends(rate_limited)])
 
 COMPLETION = {200: {"model": Completion, "description": "The completion, or with `stream=true` its chunks as SSE.",
                     "content": {"text/event-stream": {"schema": sse_event(
@@ -22,12 +23,12 @@ COMPLETION = {200: {"model": Completion, "description": "The completion, or with
 
 
 @router.post("/completions", response_model=None, responses={**COMPLETION, **error_responses(404, 429, 502, 504)})
-async def create_completion(body: CompletionRequest, tenant: TenantDep, dispatcher: DispatcherDep,
+async def create_completion(body: CompletionRequest, caller: CallerDep, dispatcher: DispatcherDep,
                             end_user: EndUserDep) -> JSONResponse | StreamingResponse:
-    plan = await dispatcher.plan(tenant, body.model, end_user or body.user)
+    plan = await dispatcher.plan(caller.tenant_id, body.model, end_user or body.user)
     if not body.stream:
-        completion, answered = await service.complete(dispatcher, tenant, plan, body)
+        completion, answered = await service.complete(dispatcher, caller, plan, body)
         return JSONResponse(completion.model_dump(mode="json"), headers=target_headers(answered))
-    answered, chunks = await service.stream(dispatcher, tenant, plan, body)
+    answered, chunks = await service.stream(dispatcher, caller, plan, body)
     return StreamingResponse(sse(chunks), media_type="text/event-stream",
                              headers={**SSE_HEADERS, **target_headers(answered)})

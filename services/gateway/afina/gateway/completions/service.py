@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 from afina.core.errors import InvalidRequest
+from afina.core.keys import KeyGrant
 from afina.gateway.chat.protocol import Usage
-from afina.gateway.chat.service import meter, nth_choice
+from afina.gateway.chat.service import nth_choice
 from afina.gateway.completions.protocol import Completion, CompletionChoice, CompletionRequest
 from afina.gateway.inference.base import Generation, GenerationRequest, Sampling, ServedModel, TextDelta
 from afina.gateway.serving.defaults import with_route_options
@@ -51,46 +51,44 @@ def _requests(request: CompletionRequest, plan: Plan) -> list[tuple[int, Any]]:
     return built
 
 
-async def complete(dispatcher: Dispatcher, tenant_id: str, plan: Plan,
+async def complete(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan,
                    request: CompletionRequest) -> tuple[Completion, Answered]:
     check_supported(request)
     choices: list[CompletionChoice] = []
     prompt_tokens = completion_tokens = 0
     answered: Answered | None = None
     for index, build in _requests(request, plan):
-        generation, answered = await dispatcher.generate(
-            tenant_id, plan if answered is None else replace(plan, candidates=[answered.target]), build)
-        meter(generation)
+        pinned = plan if answered is None else replace(plan, candidates=[answered.target])
+        generation, answered = await dispatcher.generate(caller, pinned, build)
         prompt_tokens += generation.prompt_tokens if index % request.n == 0 else 0
         completion_tokens += generation.completion_tokens
         choices.append(CompletionChoice(text=generation.text, index=index, finish_reason=generation.finish_reason))
     assert answered is not None
-    return Completion(id=f"cmpl-{secrets.token_hex(12)}", created=int(time.time()), model=plan.requested,
+    return Completion(id=f"cmpl-{answered.exchange_id}", created=int(time.time()), model=plan.requested,
                       choices=choices, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                    total_tokens=prompt_tokens + completion_tokens)), answered
 
 
-async def stream(dispatcher: Dispatcher, tenant_id: str, plan: Plan,
+async def stream(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan,
                  request: CompletionRequest) -> tuple[Answered, AsyncIterator[dict[str, Any]]]:
     check_supported(request)
     builds = _requests(request, plan)
-    first = await dispatcher.stream(tenant_id, plan, builds[0][1])
+    first = await dispatcher.stream(caller, plan, builds[0][1])
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     pinned = replace(plan, candidates=[first.answered.target])
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+        base = {"id": f"cmpl-{first.answered.exchange_id}", "object": "text_completion", "created": int(time.time()),
                 "model": plan.requested}
         prompt_tokens = completion_tokens = 0
         for position, (index, build) in enumerate(builds):
-            pieces = first.pieces if position == 0 else (await dispatcher.stream(tenant_id, pinned, build)).pieces
+            pieces = first.pieces if position == 0 else (await dispatcher.stream(caller, pinned, build)).pieces
             async for piece in pieces:
                 if isinstance(piece, TextDelta):
                     yield {**base, "choices": [{"text": piece.text, "index": index, "logprobs": None,
                                                 "finish_reason": None}]}
                     continue
                 final: Generation = piece
-                meter(final)
                 prompt_tokens += final.prompt_tokens if index % request.n == 0 else 0
                 completion_tokens += final.completion_tokens
                 yield {**base, "choices": [{"text": "", "index": index, "logprobs": None,

@@ -7,6 +7,7 @@ import base64
 import struct
 
 from afina.core.errors import InvalidRequest
+from afina.core.keys import KeyGrant
 from afina.gateway.embeddings.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from afina.gateway.serving.dispatch import Answered, Dispatcher
 from afina.gateway.serving.resolve import Plan
@@ -18,10 +19,10 @@ def encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-async def embed(dispatcher: Dispatcher, tenant_id: str, plan: Plan,
+async def embed(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan,
                 request: EmbeddingRequest) -> tuple[EmbeddingList, Answered]:
     inputs = [request.input] if isinstance(request.input, str) else list(request.input)
-    embeddings, answered = await dispatcher.embed(tenant_id, plan, inputs)
+    embeddings, answered = await dispatcher.embed(caller, plan, inputs)
     width = len(embeddings.vectors[0]) if embeddings.vectors else 0
     if request.dimensions is not None and request.dimensions != width:
         raise InvalidRequest(f"this model's embeddings have {width} dimensions; it cannot return "

@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from afina.gateway.deps import RuntimeDep, TenantDep
+from afina.gateway.deps import RuntimeDep, TenantDep, require
 from afina.gateway.error_protocol import BINARY, TEXT, content, error_responses
 from afina.gateway.files import ingest, service
 from afina.gateway.files.protocol import FileDeleted, FileList, FileObject, IngestStatus
 from afina.gateway.files.upload import receive_upload
 from afina.gateway.limits import streamed_upload
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(require("fine-tune"))])
 OF_A_FILE = error_responses(404)  # the file is not this tenant's (or its ingest output is not there yet)
 
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {

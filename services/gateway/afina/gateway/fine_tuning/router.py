@@ -7,13 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
-from afina.gateway.deps import RuntimeDep, TenantDep
+from afina.gateway.deps import RuntimeDep, TenantDep, require
 from afina.gateway.error_protocol import content, error_responses, sse_event
 from afina.gateway.fine_tuning import event_stream, service
 from afina.gateway.fine_tuning.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, Page
 from afina.gateway.params import refuse_nul_params
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"], dependencies=[Depends(refuse_nul_params)])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"],
+                   dependencies=[Depends(refuse_nul_params), Depends(require("fine-tune"))])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from afina.core.artifacts import ExportOptions
-from afina.gateway.deps import RuntimeDep, TenantDep
+from afina.gateway.deps import RuntimeDep, TenantDep, require
 from afina.gateway.error_protocol import error_responses
 from afina.gateway.fine_tuning import service as fine_tuning
 from afina.gateway.fine_tuning.protocol import JobEvent, Page
@@ -20,6 +20,7 @@ from afina.gateway.params import MODEL_NAME_PATH, refuse_nul_params
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(refuse_nul_params)])
 Limit = Annotated[int, Query(ge=1, le=100)]
 GGUF_MEDIA_TYPE = "application/octet-stream"
+FINE_TUNE = [Depends(require("fine-tune"))]  # a model's files and exports; listing and reading need no scope
 
 # the routes under a model come before the catch-all ``/{model}`` of any path, which would swallow them
 
@@ -29,13 +30,14 @@ def list_models(runtime: RuntimeDep, tenant: TenantDep) -> ModelList:
     return service.list_models(runtime, tenant)
 
 
-@router.get("/{model}/files", responses=error_responses(404, 503))
+@router.get("/{model}/files", dependencies=FINE_TUNE, responses=error_responses(404, 503))
 def list_model_files(model: str, runtime: RuntimeDep, tenant: TenantDep) -> ModelFileList:
     """Every exported file of a fine-tune (each GGUF variant, the Modelfile, the verification report)."""
     return files.list_files(runtime, tenant, model)
 
 
-@router.get("/{model}/files/{filename}", responses=error_responses(404, 416, 503), response_class=StreamingResponse)
+@router.get("/{model}/files/{filename}", dependencies=FINE_TUNE, responses=error_responses(404, 416, 503),
+            response_class=StreamingResponse)
 def download_model_file(model: str, filename: str, runtime: RuntimeDep, tenant: TenantDep,
                         range_header: Annotated[str | None, Header(alias="Range")] = None) -> StreamingResponse:
     """The file's bytes, streamed; ``Range: bytes=N-`` resumes a download (206 with ``Content-Range``)."""
@@ -49,7 +51,7 @@ def download_model_file(model: str, filename: str, runtime: RuntimeDep, tenant: 
                              media_type=GGUF_MEDIA_TYPE, headers=headers)
 
 
-@router.post("/{model}/exports", responses=error_responses(400, 404))
+@router.post("/{model}/exports", dependencies=FINE_TUNE, responses=error_responses(400, 404))
 def create_export(model: str, runtime: RuntimeDep, tenant: TenantDep,
                   body: ExportOptions | None = None) -> ModelExport:
     """Export the model again: other quantizations, Ollama registration, a Hub push (a tracked job); no body
@@ -57,19 +59,19 @@ def create_export(model: str, runtime: RuntimeDep, tenant: TenantDep,
     return exports.create_export(runtime, tenant, model, body or ExportOptions())
 
 
-@router.get("/{model}/exports/{export_id}", responses=error_responses(404))
+@router.get("/{model}/exports/{export_id}", dependencies=FINE_TUNE, responses=error_responses(404))
 def retrieve_export(model: str, export_id: str, runtime: RuntimeDep, tenant: TenantDep) -> ModelExport:
     return exports.get_export(runtime, tenant, model, export_id)
 
 
-@router.get("/{model}/exports/{export_id}/events", responses=error_responses(404))
+@router.get("/{model}/exports/{export_id}/events", dependencies=FINE_TUNE, responses=error_responses(404))
 def list_export_events(model: str, export_id: str, runtime: RuntimeDep, tenant: TenantDep,
                        after: str | None = None, limit: Limit = 20) -> Page[JobEvent]:
     job_id = exports.export_job_id(runtime, tenant, model, export_id)
     return fine_tuning.list_events(runtime, tenant, job_id, after, limit)
 
 
-@router.delete("/{model}", responses=error_responses(404, 503))
+@router.delete("/{model}", dependencies=FINE_TUNE, responses=error_responses(404, 503))
 def delete_model(model: str, runtime: RuntimeDep, tenant: TenantDep) -> ModelDeleted:
     """OpenAI's model deletion; a model afina registered in Ollama is removed there first."""
     return exports.delete_model(runtime, tenant, model)

@@ -16,11 +16,10 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from afina.core.catalog import catalog_model
-from afina.core.db import repository as repo
 from afina.core.errors import AfinaError
+from afina.core.keys import KeyGrant
 from afina.gateway.chat.service import mid_stream_error
-from afina.gateway.deps import DispatcherDep, EndUserDep, RuntimeDep, TenantDep
+from afina.gateway.deps import CallerDep, DispatcherDep, EndUserDep, RuntimeDep, TenantDep, rate_limited, require
 from afina.gateway.inference.base import UpstreamError
 from afina.gateway.models import exports
 from afina.gateway.ollama import service
@@ -36,6 +35,8 @@ from afina.gateway.params import refuse_nul_params
 from afina.gateway.serving.headers import target_headers
 
 router = APIRouter(prefix="/api", tags=["ollama"], dependencies=[Depends(refuse_nul_params)])
+INFERENCE = [Depends(require("inference"))]
+CALL = [*INFERENCE, Depends(rate_limited)]  # what generates or embeds counts against the key's limits
 root_router = APIRouter(tags=["ollama"])
 NDJSON = "application/x-ndjson"
 # the Ollama API version whose docs/api.md these routes follow
@@ -63,13 +64,13 @@ async def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         await lines.aclose()  # type: ignore[attr-defined]
 
 
-async def _respond(dispatcher: DispatcherDep, tenant: str, plan: Any, build: Any, shape: Any,
+async def _respond(dispatcher: DispatcherDep, caller: KeyGrant, plan: Any, build: Any, shape: Any,
                    stream: bool) -> JSONResponse | StreamingResponse:
     started = time.perf_counter_ns()
     if not stream:
-        body, answered = await service.answer(dispatcher, tenant, plan, build, shape, started, time.perf_counter_ns)
+        body, answered = await service.answer(dispatcher, caller, plan, build, shape, started, time.perf_counter_ns)
         return JSONResponse(body, headers=target_headers(answered))
-    answered, lines = await service.stream(dispatcher, tenant, plan, build, shape, started, time.perf_counter_ns)
+    answered, lines = await service.stream(dispatcher, caller, plan, build, shape, started, time.perf_counter_ns)
     return StreamingResponse(_ndjson(lines), media_type=NDJSON, headers=target_headers(answered))
 
 
@@ -85,75 +86,70 @@ async def _load_or_unload(dispatcher: DispatcherDep, tenant: str, plan: Any, kee
                          "done_reason": reason})
 
 
-@router.post("/chat", response_model=None)
-async def chat(body: ChatRequest, tenant: TenantDep, dispatcher: DispatcherDep,
+@router.post("/chat", dependencies=CALL, response_model=None)
+async def chat(body: ChatRequest, caller: CallerDep, dispatcher: DispatcherDep,
                end_user: EndUserDep) -> JSONResponse | StreamingResponse:
-    plan = await dispatcher.plan(tenant, body.model, end_user)
+    plan = await dispatcher.plan(caller.tenant_id, body.model, end_user)
     if not body.messages:
-        return await _load_or_unload(dispatcher, tenant, plan, body.keep_alive,
+        return await _load_or_unload(dispatcher, caller.tenant_id, plan, body.keep_alive,
                                      {"message": {"role": "assistant", "content": ""}})
-    return await _respond(dispatcher, tenant, plan, lambda model: service.chat_request(body, plan, model),
+    return await _respond(dispatcher, caller, plan, lambda model: service.chat_request(body, plan, model),
                           service.chat_body, body.stream)
 
 
-@router.post("/generate", response_model=None)
-async def generate(body: GenerateRequest, tenant: TenantDep, dispatcher: DispatcherDep,
+@router.post("/generate", dependencies=CALL, response_model=None)
+async def generate(body: GenerateRequest, caller: CallerDep, dispatcher: DispatcherDep,
                    end_user: EndUserDep) -> JSONResponse | StreamingResponse:
-    plan = await dispatcher.plan(tenant, body.model, end_user)
+    plan = await dispatcher.plan(caller.tenant_id, body.model, end_user)
     if not body.prompt and not body.system:
-        return await _load_or_unload(dispatcher, tenant, plan, body.keep_alive, {"response": ""})
-    return await _respond(dispatcher, tenant, plan, lambda model: service.generate_request(body, plan, model),
+        return await _load_or_unload(dispatcher, caller.tenant_id, plan, body.keep_alive, {"response": ""})
+    return await _respond(dispatcher, caller, plan, lambda model: service.generate_request(body, plan, model),
                           service.generate_body, body.stream)
 
 
-@router.post("/embed")
-async def embed(body: EmbedRequest, tenant: TenantDep, dispatcher: DispatcherDep) -> JSONResponse:
+@router.post("/embed", dependencies=CALL)
+async def embed(body: EmbedRequest, caller: CallerDep, dispatcher: DispatcherDep) -> JSONResponse:
     started = time.perf_counter_ns()
-    plan = await dispatcher.plan(tenant, body.model)
+    plan = await dispatcher.plan(caller.tenant_id, body.model)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
-    embeddings, answered = await dispatcher.embed(tenant, plan, inputs, truncate=body.truncate,
+    embeddings, answered = await dispatcher.embed(caller, plan, inputs, truncate=body.truncate,
                                                   keep_alive_s=keep_alive_seconds(body.keep_alive))
     return JSONResponse({"model": plan.requested, "embeddings": embeddings.vectors,
                          "total_duration": time.perf_counter_ns() - started, "load_duration": embeddings.load_ns,
                          "prompt_eval_count": embeddings.prompt_tokens}, headers=target_headers(answered))
 
 
-@router.post("/embeddings")
-async def embeddings(body: EmbeddingsRequest, tenant: TenantDep, dispatcher: DispatcherDep) -> JSONResponse:
+@router.post("/embeddings", dependencies=CALL)
+async def embeddings(body: EmbeddingsRequest, caller: CallerDep, dispatcher: DispatcherDep) -> JSONResponse:
     """The legacy single-prompt form of ``/api/embed``."""
-    plan = await dispatcher.plan(tenant, body.model)
-    result, answered = await dispatcher.embed(tenant, plan, [body.prompt],
+    plan = await dispatcher.plan(caller.tenant_id, body.model)
+    result, answered = await dispatcher.embed(caller, plan, [body.prompt],
                                               keep_alive_s=keep_alive_seconds(body.keep_alive))
     return JSONResponse({"embedding": result.vectors[0]}, headers=target_headers(answered))
 
 
-@router.get("/tags")
+@router.get("/tags", dependencies=INFERENCE)
 def tags(runtime: RuntimeDep, tenant: TenantDep) -> dict[str, Any]:
     return {"models": [model.model_dump() for model in service.list_tags(runtime, tenant)]}
 
 
-@router.post("/show")
+@router.post("/show", dependencies=INFERENCE)
 async def show(body: ModelRequest, runtime: RuntimeDep, tenant: TenantDep, dispatcher: DispatcherDep) -> dict[str, Any]:
     plan = await dispatcher.plan(tenant, body.target)
     served = await to_thread.run_sync(dispatcher.resolver.served, tenant, plan.candidates[0])
     return await to_thread.run_sync(service.show, runtime, tenant, plan.requested, served, body.verbose)
 
 
-@router.get("/ps")
+@router.get("/ps", dependencies=INFERENCE)
 async def ps(runtime: RuntimeDep, tenant: TenantDep, dispatcher: DispatcherDep) -> dict[str, Any]:
-    """Only what this tenant may call: a loaded model of another tenant is not shown."""
+    """Only what this tenant may call, by the names it calls them: a model of another tenant is not shown."""
     running = await service.running(dispatcher)
-
-    def visible(name: str) -> bool:
-        if catalog_model(name) is not None:
-            return True
-        with runtime.db.session() as session:
-            return repo.get_model(session, tenant, name) is not None
-
-    return {"models": [model.model_dump() for model in running if await to_thread.run_sync(visible, model.name)]}
+    names = await to_thread.run_sync(service.public_names, runtime, tenant, [model.name for model in running])
+    return {"models": [model.model_copy(update={"name": names[model.name], "model": names[model.name]}).model_dump()
+                       for model in running if names.get(model.name)]}
 
 
-@router.delete("/delete")
+@router.delete("/delete", dependencies=[Depends(require("fine-tune"))])
 def delete(body: ModelRequest, runtime: RuntimeDep, tenant: TenantDep) -> JSONResponse:
     """A fine-tune of this tenant, as ``DELETE /v1/models/{model}`` does (Ollama's registration first)."""
     exports.delete_model(runtime, tenant, body.target)

@@ -23,9 +23,9 @@ from afina.core.catalog.family import ChatFamily
 from afina.core.catalog.gguf_metadata import gguf_metadata
 from afina.core.db import repository as repo
 from afina.core.errors import InvalidRequest, NotFound
+from afina.core.keys import KeyGrant
 from afina.core.routing import RouteSpec
 from afina.core.runtime import Runtime
-from afina.gateway.chat.service import meter
 from afina.gateway.inference.base import Generation, GenerationRequest, OutputFormat, Sampling, ServedModel, TextDelta
 from afina.gateway.ollama.protocol import (
     ChatRequest,
@@ -130,26 +130,24 @@ def generate_body(name: str, text: str) -> dict[str, Any]:
     return {"model": name, "created_at": now_rfc3339(), "response": text}
 
 
-async def answer(dispatcher: Dispatcher, tenant_id: str, plan: Plan, build: Any, shape: Any,
+async def answer(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan, build: Any, shape: Any,
                  started_ns: int, clock: Any) -> tuple[dict[str, Any], Answered]:
     """The whole answer as one object (``stream: false``)."""
-    generation, answered = await dispatcher.generate(tenant_id, plan, build)
-    meter(generation)
+    generation, answered = await dispatcher.generate(caller, plan, build)
     return {**shape(plan.requested, generation.text), "done": True, **_stats(generation, started_ns, clock())}, \
         answered
 
 
-async def stream(dispatcher: Dispatcher, tenant_id: str, plan: Plan, build: Any, shape: Any,
+async def stream(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan, build: Any, shape: Any,
                  started_ns: int, clock: Any) -> tuple[Answered, AsyncIterator[dict[str, Any]]]:
     """NDJSON objects: one per piece with ``done: false``, then the statistics with ``done: true``."""
-    first = await dispatcher.stream(tenant_id, plan, build)
+    first = await dispatcher.stream(caller, plan, build)
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         async for piece in first.pieces:
             if isinstance(piece, TextDelta):
                 yield {**shape(plan.requested, piece.text), "done": False}
             else:
-                meter(piece)
                 yield {**shape(plan.requested, ""), "done": True, **_stats(piece, started_ns, clock())}
 
     return first.answered, lines()
@@ -267,6 +265,19 @@ def show(runtime: Runtime, tenant_id: str, name: str, served: ServedModel, verbo
     return {"modelfile": modelfile, "parameters": parameters, "template": template, "details":
             _details(metadata).model_dump(), "model_info": metadata, "capabilities": ["completion"],
             "modified_at": _rfc3339(modified)}
+
+
+def public_names(runtime: Runtime, tenant_id: str, loaded: list[str]) -> dict[str, str]:
+    """The tenant's name for each loaded model it may call: a catalog model or fine-tune as is, a model an Ollama
+    backend holds under its Ollama name as the fine-tune registered there. Others' models are left out."""
+    names = {name: name for name in loaded if catalog_model(name) is not None}
+    with runtime.db.session() as session:
+        for row in repo.list_models(session, tenant_id):
+            registered = (row.ollama or {}).get("name") if (row.ollama or {}).get("status") == "registered" else None
+            for name in loaded:
+                if name == row.name or (registered and name == registered):
+                    names[name] = row.name
+    return names
 
 
 async def running(dispatcher: Dispatcher) -> list[RunningModel]:

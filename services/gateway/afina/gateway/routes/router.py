@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from afina.core.routing import RouteSpec
-from afina.gateway.deps import RuntimeDep, TenantDep
+from afina.gateway.deps import RuntimeDep, TenantDep, require
 from afina.gateway.error_protocol import error_responses
 from afina.gateway.params import MODEL_NAME_PATH, refuse_nul_params
 from afina.gateway.routes import service
@@ -21,7 +21,7 @@ def list_routes(runtime: RuntimeDep, tenant: TenantDep) -> RouteList:
     return service.list_routes(runtime, tenant)
 
 
-@router.put(NAME, responses=error_responses(404))
+@router.put(NAME, dependencies=[Depends(require("admin"))], responses=error_responses(404))
 def put_route(name: str, body: RouteSpec, runtime: RuntimeDep, tenant: TenantDep) -> RouteObject:
     """Create the route or replace it whole."""
     return service.put_route(runtime, tenant, name, body)
@@ -32,6 +32,6 @@ def get_route(name: str, runtime: RuntimeDep, tenant: TenantDep) -> RouteObject:
     return service.get_route(runtime, tenant, name)
 
 
-@router.delete(NAME, responses=error_responses(404))
+@router.delete(NAME, dependencies=[Depends(require("admin"))], responses=error_responses(404))
 def delete_route(name: str, runtime: RuntimeDep, tenant: TenantDep) -> RouteDeleted:
     return service.delete_route(runtime, tenant, name)

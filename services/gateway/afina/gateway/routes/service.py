@@ -9,6 +9,7 @@ from afina.core.db import repository as repo
 from afina.core.errors import InvalidRequest, NotFound
 from afina.core.routing import RouteSpec, RouteTarget, check_route_name
 from afina.core.runtime import Runtime
+from afina.gateway.captures import retrain
 from afina.gateway.routes.protocol import RouteDeleted, RouteList, RouteObject
 
 
@@ -36,6 +37,19 @@ def _check_target(runtime: Runtime, tenant_id: str, target: RouteTarget, field: 
                                  "to it (a target is a model, not another route)", param=field)
 
 
+def _check_capture(runtime: Runtime, tenant_id: str, spec: RouteSpec) -> None:
+    """A retraining must be possible when it comes due: a first target afina trains, a training file of the
+    tenant's that captured examples can be appended to (another tenant's file answers like a missing one)."""
+    capture = spec.capture
+    if capture is None:
+        return
+    if capture.retrain_after is not None and spec.targets[0].upstream is not None:
+        raise InvalidRequest("capture.retrain_after: the first target is a model of an upstream, which afina cannot "
+                             "retrain; put a fine-tune or a catalog base model first", param="capture.retrain_after")
+    if capture.training_file is not None:
+        retrain.check_training_file(runtime, tenant_id, capture.training_file)
+
+
 def put_route(runtime: Runtime, tenant_id: str, name: str, spec: RouteSpec) -> RouteObject:
     try:
         check_route_name(name)
@@ -46,6 +60,7 @@ def put_route(runtime: Runtime, tenant_id: str, name: str, spec: RouteSpec) -> R
     for field, targets in (("targets", spec.targets), ("fallbacks", spec.fallbacks)):
         for index, target in enumerate(targets):
             _check_target(runtime, tenant_id, target, f"{field}.{index}.model")
+    _check_capture(runtime, tenant_id, spec)
     with runtime.db.session() as session:
         row, _created = repo.put_route(session, tenant_id, name, spec.to_row())
         session.flush()

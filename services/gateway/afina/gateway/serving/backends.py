@@ -67,7 +67,11 @@ class Backends:
         return _upstream_backend(name, config)
 
     def concurrency(self, name: str) -> int:
-        """How many calls one model of this backend takes at once."""
+        """How many calls one model of this backend takes at once. A local model runs one call at a time
+        (a llama.cpp context, and llama_cpp.server, serve one): counting more as running would hide calls
+        waiting inside the backend from the bounded queue."""
+        if name == LOCAL_BACKEND:
+            return 1
         config = self.settings.upstreams.get(name)
         return config.max_concurrency if config is not None else self.settings.model_max_concurrency
 

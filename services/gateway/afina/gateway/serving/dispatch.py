@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from anyio import to_thread
 
 from afina.core.errors import AfinaError, InferenceUnavailable, NotFound, Overloaded, UpstreamFailed, UpstreamTimeout
+from afina.core.keys import KeyGrant
 from afina.core.logging import log_event
 from afina.core.metrics import GATEWAY_FALLBACKS, GATEWAY_UPSTREAM_ERRORS, bounded_label
 from afina.core.routing import RouteTarget
@@ -30,6 +32,7 @@ from afina.gateway.inference.base import (
     UpstreamError,
 )
 from afina.gateway.serving.backends import Backends
+from afina.gateway.serving.exchange import Exchange, Observer, new_exchange_id, tell
 from afina.gateway.serving.limiter import ModelLimiter
 from afina.gateway.serving.resolve import Plan, Resolver
 
@@ -43,10 +46,12 @@ Builder = Callable[[ServedModel], GenerationRequest]
 
 @dataclass
 class Answered:
-    """Which candidate answered (``target``) and as what model (``served``)."""
+    """Which candidate answered (``target``), as what model (``served``), and the exchange's id (a chat
+    completion's id, the key feedback and captured data refer to)."""
 
     target: RouteTarget
     served: ServedModel
+    exchange_id: str
 
 
 @dataclass
@@ -56,10 +61,14 @@ class StreamAnswer:
 
 
 class Dispatcher:
-    def __init__(self, resolver: Resolver, backends: Backends, limiter: ModelLimiter) -> None:
+    """Plans and runs calls; ``observers`` learn of every answered one (``serving.exchange``)."""
+
+    def __init__(self, resolver: Resolver, backends: Backends, limiter: ModelLimiter,
+                 observers: list[Observer] | None = None) -> None:
         self.resolver = resolver
         self.backends = backends
         self.limiter = limiter
+        self.observers: list[Observer] = list(observers or [])
 
     async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
         return await to_thread.run_sync(self.resolver.plan, tenant_id, name, user)
@@ -67,26 +76,53 @@ class Dispatcher:
     async def _served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
         return await to_thread.run_sync(self.resolver.served, tenant_id, target)
 
-    async def generate(self, tenant_id: str, plan: Plan, build: Builder) -> tuple[Generation, Answered]:
-        async def attempt(served: ServedModel) -> Generation:
+    async def generate(self, caller: KeyGrant, plan: Plan, build: Builder) -> tuple[Generation, Answered]:
+        started = time.perf_counter()
+
+        async def attempt(served: ServedModel, _target: RouteTarget) -> tuple[Generation, GenerationRequest]:
             request = build(served)
             async with self._slot(served):
-                return await self.backends.get(served.backend).generate(request)
+                return await self.backends.get(served.backend).generate(request), request
 
-        return await self._first_that_answers(tenant_id, plan, attempt)
+        (generation, request), answered = await self._first_that_answers(caller.tenant_id, plan, attempt)
+        await tell(self.observers, Exchange(
+            id=answered.exchange_id, caller=caller, plan=plan, target=answered.target.label,
+            model=answered.served.name, prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens, seconds=time.perf_counter() - started,
+            request=request, generation=generation))
+        return generation, answered
 
-    async def embed(self, tenant_id: str, plan: Plan, inputs: list[str], *, truncate: bool = True,
+    async def embed(self, caller: KeyGrant, plan: Plan, inputs: list[str], *, truncate: bool = True,
                     keep_alive_s: float | None = None) -> tuple[Embeddings, Answered]:
-        async def attempt(served: ServedModel) -> Embeddings:
+        started = time.perf_counter()
+
+        async def attempt(served: ServedModel, _target: RouteTarget) -> Embeddings:
             async with self._slot(served):
                 return await self.backends.get(served.backend).embed(served, inputs, truncate=truncate,
                                                                      keep_alive_s=keep_alive_s)
 
-        return await self._first_that_answers(tenant_id, plan, attempt)
+        embeddings, answered = await self._first_that_answers(caller.tenant_id, plan, attempt)
+        await tell(self.observers, Exchange(
+            id=answered.exchange_id, caller=caller, plan=plan, target=answered.target.label,
+            model=answered.served.name, prompt_tokens=embeddings.prompt_tokens, completion_tokens=0,
+            seconds=time.perf_counter() - started))
+        return embeddings, answered
 
-    async def stream(self, tenant_id: str, plan: Plan, build: Builder) -> StreamAnswer:
-        async def attempt(served: ServedModel) -> AsyncIterator[TextDelta | Generation]:
-            pieces = self._guarded_stream(served, build(served))
+    async def stream(self, caller: KeyGrant, plan: Plan, build: Builder) -> StreamAnswer:
+        started = time.perf_counter()
+        exchange_id = new_exchange_id()
+
+        async def attempt(served: ServedModel, target: RouteTarget) -> AsyncIterator[TextDelta | Generation]:
+            request = build(served)
+
+            async def finished(generation: Generation, first_piece_s: float | None) -> None:
+                await tell(self.observers, Exchange(
+                    id=exchange_id, caller=caller, plan=plan, target=target.label, model=served.name,
+                    prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                    seconds=time.perf_counter() - started, first_piece_seconds=first_piece_s, request=request,
+                    generation=generation, stream=True))
+
+            pieces = self._guarded_stream(served, request, started, finished)
             try:
                 first = await anext(pieces)
             except BaseException:
@@ -94,15 +130,21 @@ class Dispatcher:
                 raise
             return _prepend(first, pieces)
 
-        pieces, answered = await self._first_that_answers(tenant_id, plan, attempt)
+        pieces, answered = await self._first_that_answers(caller.tenant_id, plan, attempt, exchange_id)
         return StreamAnswer(answered=answered, pieces=pieces)
 
-    async def _guarded_stream(self, served: ServedModel,
-                              request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
+    async def _guarded_stream(self, served: ServedModel, request: GenerationRequest, started: float,
+                              finished: Callable[[Generation, float | None], Awaitable[None]],
+                              ) -> AsyncIterator[TextDelta | Generation]:
+        first_piece_s: float | None = None
         async with self._slot(served):
             pieces = self.backends.get(served.backend).stream(request)
             try:
                 async for piece in pieces:
+                    if first_piece_s is None:
+                        first_piece_s = time.perf_counter() - started
+                    if isinstance(piece, Generation):
+                        await finished(piece, first_piece_s)
                     yield piece
             finally:
                 await pieces.aclose()  # a caller gone mid-stream stops the generation at its source
@@ -111,15 +153,16 @@ class Dispatcher:
         return self.limiter.slot(served.cache_key, self.backends.concurrency(served.backend), label=served.name)
 
     async def _first_that_answers(self, tenant_id: str, plan: Plan,
-                                  attempt: Callable[[ServedModel], T]) -> tuple[T, Answered]:
+                                  attempt: Callable[[ServedModel, RouteTarget], Awaitable[T]],
+                                  exchange_id: str | None = None) -> tuple[T, Answered]:
         failure: BaseException | None = None
         for index, target in enumerate(plan.candidates):
             last = index == len(plan.candidates) - 1
             try:
                 served = await self._served(tenant_id, target)
-                coroutine = attempt(served)
+                coroutine = attempt(served, target)
                 result = await (asyncio.wait_for(coroutine, plan.timeout_s) if plan.timeout_s else coroutine)
-                return result, Answered(target=target, served=served)
+                return result, Answered(target=target, served=served, exchange_id=exchange_id or new_exchange_id())
             except GIVES_WAY as exc:
                 if isinstance(exc, NotFound) and plan.route is None:
                     raise  # a model the caller named directly: their 404

@@ -23,7 +23,7 @@ from afina.core.catalog import catalog_model
 from afina.core.catalog.gguf_metadata import gguf_metadata
 from afina.core.db import repository as repo
 from afina.core.errors import InferenceUnavailable, InvalidRequest, NotFound
-from afina.core.routing import RouteOptions, RouteSpec, RouteTarget
+from afina.core.routing import RouteCapture, RouteOptions, RouteSpec, RouteTarget
 from afina.core.runtime import Runtime
 from afina.gateway.inference.base import LOCAL_BACKEND, OLLAMA_BACKEND, ServedModel
 from afina.gateway.inference.files import ModelFileCache
@@ -46,6 +46,7 @@ class Plan:
     system: str | None = None
     defaults: RouteOptions = field(default_factory=RouteOptions)
     timeout_s: float | None = None
+    capture: RouteCapture | None = None  # a route keeping its exchanges for retraining: how (``serving.capture``)
 
 
 def pick_target(route_name: str, targets: list[RouteTarget], user: str | None) -> RouteTarget:
@@ -69,7 +70,7 @@ def plan_for_route(name: str, spec: RouteSpec, user: str | None) -> Plan:
     chosen = pick_target(name, spec.targets, user)
     fallbacks = [target for target in spec.fallbacks if target.label != chosen.label]
     return Plan(requested=name, candidates=[chosen, *fallbacks], route=name, system=spec.system,
-                defaults=spec.options, timeout_s=spec.timeout_s)
+                defaults=spec.options, timeout_s=spec.timeout_s, capture=spec.capture if spec.captures else None)
 
 
 @lru_cache(maxsize=256)
@@ -109,6 +110,14 @@ class Resolver:
                     return plan_for_route(candidate, RouteSpec.from_row(route.spec), user)
         raise model_not_found(name)
 
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def _catalog_gguf(model_id: str) -> Path:
+        """A catalog model's GGUF, located once (finding it inside its package takes the import lock)."""
+        spec = catalog_model(model_id)
+        assert spec is not None
+        return spec.gguf_path()
+
     def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
         """What runs ``target`` (downloading a fine-tune's GGUF into the local cache if it is served here)."""
         if target.upstream is not None:
@@ -118,7 +127,7 @@ class Resolver:
         spec = catalog_model(target.model)
         if spec is not None:
             try:
-                return local_model(spec.id, spec.gguf_path())
+                return local_model(spec.id, self._catalog_gguf(spec.id))
             except NotFound:  # trainable here, not servable: the caller's 404, a route's cue to fall back
                 raise NotFound(f"The base model '{spec.id}' has no weights this server can serve (fine-tunes of it "
                                "can be served).", param="model", code="model_not_found") from None
