@@ -82,7 +82,8 @@ GATEWAY_TOKENS = Counter("afina_inference_exchange_tokens_total", "Tokens of ans
 GATEWAY_QUEUE_WAIT = Histogram("afina_inference_queue_wait_seconds", "Time a request waited for a model's slot",
                                ["model"])
 GATEWAY_FALLBACKS = Counter("afina_inference_fallbacks_total",
-                            "Requests a route's next target answered because the one before failed",
+                            "Requests a route's next target answered because the one before failed (or, "
+                            "having just failed, was skipped)",
                             ["route", "failed_target"])
 GATEWAY_UPSTREAM_ERRORS = Counter("afina_inference_upstream_errors_total",
                                   "Failed calls to a backend, by backend and HTTP-like status", ["backend", "status"])

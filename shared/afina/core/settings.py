@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # a newcomer who would wait longer than this (the model's recent call time x the calls ahead) gets 429 at
     # once, with that wait as Retry-After, instead of a first token a minute late
     model_max_queue_wait_s: float = 15.0
+    # an upstream that just failed (down, timed out, 5xx, 429) is skipped this long while a route's fallback
+    # remains, so that the fallback answers at once instead of after the same timeout; 0: always try it
+    upstream_cooldown_s: float = 10.0
     # per API key, per minute, for a key that sets none of its own (None: no limit); counted in Redis
     # (``rate_limit_redis_url``, by default the broker when it is Redis) so that every gateway process shares them
     key_requests_per_minute: int | None = None

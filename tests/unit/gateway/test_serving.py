@@ -630,3 +630,28 @@ def test_a_newcomer_who_would_wait_past_the_time_bound_is_refused_at_once() -> N
 
     refused_after, retry_after = run(scenario())
     assert refused_after < 0.05 and retry_after >= 1
+
+
+def test_an_upstream_that_just_failed_is_skipped_while_a_fallback_remains_then_tried_again() -> None:
+    """A circuit breaker: while the cloud is down, the local fallback answers at once, without the cloud's
+    timeout each time; after the cool-down the cloud is tried again; a route's last target is always tried."""
+    cloud = ScriptedBackend({"cloud/m": Script(error=UpstreamError("connection refused"))})
+    local = ScriptedBackend({"local": Script(pieces=["ok"])})
+    dispatch = Dispatcher(StaticResolver({"m", "local"}), StaticBackends({LOCAL_BACKEND: local, "cloud": cloud}),  # type: ignore[arg-type]
+                          ModelLimiter(max_queue=4, queue_timeout_s=5.0), cooldown_s=0.2)
+    route = plan_for_route("aeon", RouteSpec(targets=[RouteTarget(model="m", upstream="cloud")],
+                                             fallbacks=[RouteTarget(model="local")]), user=None)
+    alone = plan_for_route("cloud-only", RouteSpec(targets=[RouteTarget(model="m", upstream="cloud")]), user=None)
+
+    async def scenario() -> list[str]:
+        answers = []
+        for pause in (0.0, 0.0, 0.3):
+            await asyncio.sleep(pause)
+            _, answered = await dispatch.generate(CALLER, route, build)
+            answers.append(answered.target.label)
+        with pytest.raises(UpstreamFailed):  # no fallback: the cloud is asked, even while cooling down
+            await dispatch.generate(CALLER, alone, build)
+        return answers
+
+    assert run(scenario()) == ["local", "local", "local"]
+    assert cloud.calls == ["cloud/m", "cloud/m", "cloud/m"]  # the first, the one after the cool-down, the lone one

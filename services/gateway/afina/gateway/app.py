@@ -55,7 +55,8 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     dispatcher = Dispatcher(resolver, backends, ModelLimiter(max_queue=settings.model_max_queue,
                                                              queue_timeout_s=settings.model_queue_timeout_s,
                                                              max_wait_s=settings.model_max_queue_wait_s),
-                            observers=[TokenMeter(rate_limiter), record_metrics, access_log, CaptureObserver(runtime)])
+                            observers=[TokenMeter(rate_limiter), record_metrics, access_log, CaptureObserver(runtime)],
+                            cooldown_s=settings.upstream_cooldown_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -64,11 +64,15 @@ class Dispatcher:
     """Plans and runs calls; ``observers`` learn of every answered one (``serving.exchange``)."""
 
     def __init__(self, resolver: Resolver, backends: Backends, limiter: ModelLimiter,
-                 observers: list[Observer] | None = None) -> None:
+                 observers: list[Observer] | None = None, *, cooldown_s: float = 0.0) -> None:
         self.resolver = resolver
         self.backends = backends
         self.limiter = limiter
         self.observers: list[Observer] = list(observers or [])
+        # an upstream that failed is skipped this long while a fallback remains (a circuit breaker: the first
+        # request after it tries the upstream again)
+        self.cooldown_s = cooldown_s
+        self._down_until: dict[str, float] = {}
 
     async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
         return await to_thread.run_sync(self.resolver.plan, tenant_id, name, user)
@@ -158,17 +162,31 @@ class Dispatcher:
         failure: BaseException | None = None
         for index, target in enumerate(plan.candidates):
             last = index == len(plan.candidates) - 1
+            if not last and self._cooling_down(target):
+                # it just failed: its fallback answers now rather than after the same timeout
+                GATEWAY_FALLBACKS.labels(route=bounded_label("route", plan.route or "-"),
+                                         failed_target=bounded_label("model", target.label)).inc()
+                continue
             try:
                 served = await self._served(tenant_id, target)
                 coroutine = attempt(served, target)
                 result = await (asyncio.wait_for(coroutine, plan.timeout_s) if plan.timeout_s else coroutine)
+                if target.upstream is not None:
+                    self._down_until.pop(target.upstream, None)  # it answers again
                 return result, Answered(target=target, served=served, exchange_id=exchange_id or new_exchange_id())
             except GIVES_WAY as exc:
                 if isinstance(exc, NotFound) and plan.route is None:
                     raise  # a model the caller named directly: their 404
                 failure = exc
                 self._note_failure(plan, target, exc, last)
+                if isinstance(exc, UpstreamError | TimeoutError) and target.upstream is not None:
+                    self._down_until[target.upstream] = time.monotonic() + self.cooldown_s
         raise _final_error(plan, failure)
+
+    def _cooling_down(self, target: RouteTarget) -> bool:
+        """Whether ``target``'s upstream failed (down, timed out, 5xx, 429) less than ``cooldown_s`` ago. A
+        route's only or last target is always tried: a request never fails on a guess."""
+        return target.upstream is not None and self._down_until.get(target.upstream, 0.0) > time.monotonic()
 
     def _note_failure(self, plan: Plan, target: RouteTarget, exc: BaseException, last: bool) -> None:
         status = str(getattr(exc, "status", None) or getattr(exc, "http_status", None) or
