@@ -14,7 +14,10 @@ and, in front of it, each in its own process on one uvicorn worker:
   missing), a config mapping the model ``bench`` to the upstream;
 - ``afina``: ``uvicorn --factory afina.gateway.app:create_app --no-access-log`` (what ``afina up`` runs) with a
   temp ``AFINA_HOME``, the upstream in ``AFINA_UPSTREAMS``, an API key made beforehand and a route ``bench`` →
-  ``{"model": "m", "upstream": "up"}`` written with ``PUT /v1/routes/bench``: auth, routing and metrics are on.
+  ``{"model": "m", "upstream": "up"}`` written with ``PUT /v1/routes/bench``: auth, routing and metrics are on;
+- ``afina-base`` (only with ``--baseline-ref REF``): the same, on the gateway and core code of the git commit
+  ``REF`` (``git archive`` into the temp dir, put first on ``PYTHONPATH``; the venv's packages otherwise), so a
+  change is measured against its baseline in the same run, interleaved with it in every repeat.
 
 For each, in every repeat (the configurations one after the other, all servers kept up, only one loaded at a
 time): non-stream latency at concurrency 1 (p50/p99 over ``--requests`` after a warm-up), stream time to first
@@ -71,7 +74,7 @@ ROUTE = "bench"
 LOAD_MODEL = "smollm2-135m-instruct"
 STREAM_CHUNKS = 20
 LITELLM_MASTER_KEY = "sk-bench-master-key"
-CONFIGS = ("direct", "bare", "litellm", "afina")
+CONFIGS = ("direct", "bare", "litellm", "afina-base", "afina")
 CPU_NOTE = ("client (aiohttp in the bench process, or wrk with one thread), proxy and upstream run on the same "
             "machine and share its cores; every figure includes that contention, the same way for each "
             "configuration")
@@ -514,6 +517,11 @@ def make_afina_key(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def check_gateway_code(env: dict[str, str]) -> str:
+    """Where the gateway's package is imported from with ``env`` (so a baseline really runs the baseline)."""
+    return run_text([sys.executable, "-c", "import afina.gateway.app as a; print(a.__file__)"], env=env, cwd=str(ROOT))
+
+
 def start_afina(workdir: Path, env: dict[str, str], key: str, model: str, name: str = "afina") -> Server:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "--factory", "afina.gateway.app:create_app", "--host", "127.0.0.1",
@@ -523,19 +531,36 @@ def start_afina(workdir: Path, env: dict[str, str], key: str, model: str, name: 
     return server
 
 
-def start_afina_overhead(workdir: Path, upstream: Server) -> Server:
-    home = workdir / "afina-home"
+def baseline_tree(workdir: Path, ref: str) -> tuple[Path, str]:
+    """The shared and gateway code of commit ``ref``, unpacked under ``workdir``; (its root, the full commit)."""
+    commit = run_text(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT)
+    if not commit:
+        raise RuntimeError(f"--baseline-ref {ref!r} names no commit of {ROOT}")
+    root = workdir / "afina-base-tree"
+    root.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "shared", "services/gateway"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root, commit
+
+
+def start_afina_overhead(workdir: Path, upstream: Server, baseline: Path | None = None) -> Server:
+    name = "afina" if baseline is None else "afina-base"
+    home = workdir / f"{name}-home"
     upstreams = {"up": {"kind": "openai", "base_url": f"http://127.0.0.1:{upstream.port}/v1"}}
-    env = afina_env(home, AFINA_UPSTREAMS=json.dumps(upstreams))
+    extra = {} if baseline is None else {
+        "PYTHONPATH": os.pathsep.join([str(baseline / "shared"), str(baseline / "services" / "gateway")])}
+    env = afina_env(home, AFINA_UPSTREAMS=json.dumps(upstreams), **extra)
     made = make_afina_key(env)
-    server = start_afina(workdir, env, made["key"], ROUTE)
+    server = start_afina(workdir, env, made["key"], ROUTE, name=name)
     route = {"targets": [{"model": UPSTREAM_MODEL, "upstream": "up"}]}
     status, answer = http_json("PUT", f"http://127.0.0.1:{server.port}/v1/routes/{ROUTE}", route, key=made["key"])
     if status != 200:
         stop(server)
         raise RuntimeError(f"PUT /v1/routes/{ROUTE} answered {status}: {answer}")
-    server.extra = {"env": {k: v for k, v in env.items() if k.startswith("AFINA_")}, "route": route,
-                    "settings": {k: v for k, v in made.items() if k != "key"}}
+    server.extra = {"env": {k: v for k, v in env.items() if k.startswith("AFINA_") or k == "PYTHONPATH"},
+                    "route": route, "settings": {k: v for k, v in made.items() if k != "key"},
+                    "gateway_code": check_gateway_code(env)}
     wait_until(server, lambda: chat_ok(server), 60)
     return server
 
@@ -697,7 +722,7 @@ def overhead_run(args: argparse.Namespace, workdir: Path, report: dict[str, Any]
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     report["plan"] = {**plan, "throughput_tool": "wrk -t1" if use_wrk else "aiohttp client",
                       "latency_tool": "aiohttp client (one session, keep-alive) in the bench process",
-                      "order": "per repeat: direct, bare, litellm, afina; every server up the whole run"}
+                      "order": "per repeat: direct, bare, litellm, afina-base, afina; every server up the whole run"}
     ensure_aiohttp()
     servers: dict[str, Server] = {}
     failures: dict[str, str] = {}
@@ -706,9 +731,14 @@ def overhead_run(args: argparse.Namespace, workdir: Path, report: dict[str, Any]
         servers["direct"] = upstream
         starters = {"bare": lambda: start_bare(workdir, upstream),
                     "litellm": lambda: start_litellm(workdir, upstream),
+                    "afina-base": lambda: start_afina_overhead(workdir, upstream, baseline),
                     "afina": lambda: start_afina_overhead(workdir, upstream)}
+        baseline: Path | None = None
+        if args.baseline_ref:
+            baseline, commit = baseline_tree(workdir, args.baseline_ref)
+            report["baseline"] = {"ref": args.baseline_ref, "commit": commit}
         for name, starter in starters.items():
-            if name == "litellm" and args.skip_litellm:
+            if (name == "litellm" and args.skip_litellm) or (name == "afina-base" and baseline is None):
                 continue
             try:
                 servers[name] = starter()
@@ -786,18 +816,20 @@ def overhead_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
         entry["errors"] = errors
         summary[name] = entry
     targets: dict[str, Any] = {}
-    afina, litellm = summary.get("afina"), summary.get("litellm")
-    if afina and afina.get("added_p50_ms") is not None:
-        targets["afina_added_p50_ms"] = afina["added_p50_ms"]
-        targets["afina_added_p50_target_ms"] = 0.5
-        targets["afina_added_p50_met"] = afina["added_p50_ms"] <= 0.5
-    if afina and litellm:
-        for c in (16, 64):
-            if afina.get(f"rps_c{c}") and litellm.get(f"rps_c{c}"):
-                ratio = afina[f"rps_c{c}"] / litellm[f"rps_c{c}"]
-                targets[f"afina_over_litellm_rps_c{c}"] = round(ratio, 2)
-                targets[f"afina_over_litellm_rps_c{c}_met"] = ratio >= 20
-        targets["rps_ratio_target"] = 20
+    litellm = summary.get("litellm")
+    for name in ("afina-base", "afina"):
+        afina, label = summary.get(name), name.replace("-", "_")
+        if afina and afina.get("added_p50_ms") is not None:
+            targets[f"{label}_added_p50_ms"] = afina["added_p50_ms"]
+            targets[f"{label}_added_p50_met"] = afina["added_p50_ms"] <= 0.5
+        if afina and litellm:
+            for c in (16, 64):
+                if afina.get(f"rps_c{c}") and litellm.get(f"rps_c{c}"):
+                    ratio = afina[f"rps_c{c}"] / litellm[f"rps_c{c}"]
+                    targets[f"{label}_over_litellm_rps_c{c}"] = round(ratio, 2)
+                    targets[f"{label}_over_litellm_rps_c{c}_met"] = ratio >= 20
+    targets["added_p50_target_ms"] = 0.5
+    targets["rps_ratio_target"] = 20
     summary["targets"] = targets
     return summary
 
@@ -807,14 +839,14 @@ def print_overhead_table(report: dict[str, Any]) -> None:
     print()
     print(f"Gateway overhead ({report['plan']['repeats']} repeat(s); medians over repeats; "
           f"load average {report['loadavg_start']} -> {report.get('loadavg_end')})")
-    header = (f"{'config':<9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'TTFB p50':>9} {'added TTFB':>11} "
+    header = (f"{'config':<10} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'TTFB p50':>9} {'added TTFB':>11} "
               f"{'req/s c16':>10} {'req/s c64':>10} {'proxy CPU ms/req':>17} {'errors':>7}")
     print(header)
     print("-" * len(header))
     for name in CONFIGS:
         entry = summary.get(name)
         if not entry:
-            print(f"{name:<9} {'(not run: ' + report.get('failures', {}).get(name, 'skipped')[:80] + ')'}")
+            print(f"{name:<10} {'(not run: ' + report.get('failures', {}).get(name, 'skipped')[:80] + ')'}")
             continue
 
         def fmt(key: str, width: int, digits: int = 3, sign: bool = False, entry: dict = entry) -> str:
@@ -823,7 +855,7 @@ def print_overhead_table(report: dict[str, Any]) -> None:
                 return f"{'—':>{width}}"
             return f"{value:>+{width}.{digits}f}" if sign else f"{value:>{width}.{digits}f}"
 
-        print(f"{name:<9} {fmt('p50_ms', 8)} {fmt('p99_ms', 8)} {fmt('added_p50_ms', 10, sign=True)} "
+        print(f"{name:<10} {fmt('p50_ms', 8)} {fmt('p99_ms', 8)} {fmt('added_p50_ms', 10, sign=True)} "
               f"{fmt('ttfb_p50_ms', 9)} {fmt('added_ttfb_p50_ms', 11, sign=True)} {fmt('rps_c16', 10, 0)} "
               f"{fmt('rps_c64', 10, 0)} {fmt('proxy_cpu_ms_per_request_c64', 17)} {entry.get('errors', 0):>7}")
     targets = summary.get("targets", {})
@@ -1083,6 +1115,8 @@ def main() -> int:
     parser.add_argument("--skip-litellm", action="store_true", help="leave the LiteLLM proxy out")
     parser.add_argument("--repeats", type=int, default=0, help="overhead run repeats (default 3, quick 1)")
     parser.add_argument("--no-wrk", action="store_true", help="measure requests/s with the aiohttp client")
+    parser.add_argument("--baseline-ref", default=None,
+                        help="also run afina at this git commit (config afina-base), interleaved in every repeat")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default bench/results/)")
     parser.add_argument("--serve", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

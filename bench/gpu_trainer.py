@@ -47,6 +47,12 @@ SHAPES: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
                      "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
                      "hidden_act": "silu"},
+    # config.json of Qwen/Qwen2.5-7B-Instruct (the shape seed 000_* trains, with QLoRA)
+    "qwen2.5-7b": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                   "hidden_act": "silu"},
     # a smoke-test shape for checking this script on a CPU
     "tiny-llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
                    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -83,6 +89,9 @@ def build_model(shape: str, tokenizer_dir: Path, out_dir: Path) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(target), safe_serialization=True)
+    del model  # the runs are child processes: a model left on the GPU here shrinks what their plans see
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     tokenizer.save_pretrained(str(target))
     for extra in ("chat_template.jinja",):
         if (tokenizer_dir / extra).exists():
@@ -132,15 +141,33 @@ def run_afina(args: argparse.Namespace) -> dict[str, Any]:
     from afina.trainer.recipe import train_job
 
     home = Path(tempfile.mkdtemp(prefix="afina-bench-"))
-    runtime = Runtime(Settings(home=home, log_json=False, trainer_device=args.device))
+    settings = Settings(home=home, log_json=False, trainer_device=args.device,
+                        allowed_model_dirs=[Path(args.model_dir).resolve().parent])
+    preload_s = None
+    if getattr(args, "preload", False):
+        # what a trainer worker does when its process starts (AFINA_WORKER_PRELOAD): imports, and compile caches
+        # on a volume (--cache-dir), so a second process on the same directory is a restarted worker
+        from afina.trainer.warmup import compile_cache_env, warm_up
+
+        for name, value in compile_cache_env(Path(args.cache_dir)).items():
+            os.environ[name] = value
+        started = time.monotonic()
+        warm_up(settings)
+        preload_s = round(time.monotonic() - started, 2)
+    runtime = Runtime(settings)
     data = full_length_chats(args.examples) if args.data == "full" else realistic_chats(args.examples)
     hyperparameters = {"n_epochs": 1, "batch_size": args.batch, "learning_rate_multiplier": 1.0,
                        "max_seq_len": args.seq, "max_steps": args.steps, "save_steps": 100_000,
                        "logging_steps": 1, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                        "backend": args.backend, "packing": bool(args.packing), "chat_family": "chatml",
-                       "warmup_ratio": 0.0}
+                       "warmup_ratio": 0.0, "speed": args.speed, "quantization": args.quantization}
+    if args.accumulation > 1:
+        hyperparameters["gradient_accumulation_steps"] = args.accumulation
     results = []
+    if getattr(args, "profile", False):
+        profile_steps(20, 22, PROFILES)
     for attempt in range(args.jobs):
+        profiled_before = len(PROFILES)
         job_id = _new_job(runtime, ids, repo, Job, args.model_dir, data, hyperparameters)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -180,8 +207,16 @@ def run_afina(args: argparse.Namespace) -> dict[str, Any]:
             "stage_wall_s": round(wall, 1),
             "preflight": next((m for m in messages if m.startswith("Preflight")), None),
             "packing": next((m for m in messages if m.startswith("Packed")), None),
+            "plan": next((m for m in messages if m.startswith("Throughput plan")), None),
+            "memory_check": next((m for m in messages if m.startswith("Memory check")), None),
+            "start_up": next((m for m in messages if m.startswith("First optimizer step")), None),
+            "kernels": next((m for m in messages if m.startswith("Fused kernels")), None),
+            # every step's duration, in order: a slow phase inside a job shows here, not in a mean
+            "profile": PROFILES[profiled_before:],
+            "step_seconds": [round((steps[n] - steps[n - 1]) / 1e9, 4) for n in sorted(steps) if n - 1 in steps],
         })
     return {"kind": "afina", "backend": args.backend, "model": Path(args.model_dir).name, "data": args.data,
+            "preload_s": preload_s,
             "packing": bool(args.packing), "batch": args.batch, "seq": args.seq, "runs": results}
 
 
@@ -215,6 +250,56 @@ def _parameter_count(model_dir: str) -> int:
     return ModelShape.from_config_file(Path(model_dir) / "config.json").parameters
 
 
+PROFILES: list[dict[str, Any]] = []  # one entry a profiled job, in order (profile_steps installs it once)
+
+
+def profile_steps(first: int, last: int, sink: list[dict[str, Any]]) -> None:
+    """Make every afina job of this process profile optimizer steps ``first``..``last`` with torch.profiler and
+    append the top kernels and ops (CUDA and CPU self time) to ``sink``: the first job in a process against the
+    next, kernel by kernel (issue 15's first-job dip)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from afina.trainer import recipe
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.profiler: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == first - 1 and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.profiler is not None and state.global_step == last:
+                torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                events = self.profiler.key_averages()
+                top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+                cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+                sink.append({
+                    "steps": [first, last],
+                    "device_ms_total": round(sum(e.self_device_time_total for e in events) / 1e3, 1),
+                    "cpu_ms_total": round(sum(e.self_cpu_time_total for e in events) / 1e3, 1),
+                    "top_device": [[e.key[:80], round(e.self_device_time_total / 1e3, 2), e.count] for e in top],
+                    "top_cpu": [[e.key[:80], round(e.self_cpu_time_total / 1e3, 2), e.count] for e in cpu]})
+                self.profiler = None
+
+    real_setup = recipe.LoRAFinetuneRecipe._setup_trainer
+    if getattr(real_setup, "profiled", False):
+        return
+
+    def setup_with_profiler(self: Any, *args: Any, **kwargs: Any) -> Any:
+        trainer = real_setup(self, *args, **kwargs)
+        trainer.add_callback(StepProfiler())
+        return trainer
+
+    setup_with_profiler.profiled = True  # type: ignore[attr-defined]
+    recipe.LoRAFinetuneRecipe._setup_trainer = setup_with_profiler
+
+
 # the bare loops (the baselines) ------------------------------------------------
 
 def run_bare_unsloth(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,6 +309,7 @@ def run_bare_unsloth(args: argparse.Namespace) -> dict[str, Any]:
 
     model, _ = FastLanguageModel.from_pretrained(model_name=args.model_dir, max_seq_length=args.seq,
                                                  dtype=torch.bfloat16, load_in_4bit=False, local_files_only=True)
+    # Unsloth's defaults, as its notebooks set them: offloaded ("unsloth") gradient checkpointing
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", use_gradient_checkpointing="unsloth",
         target_modules=list(LORA_TARGETS), random_state=1234, max_seq_length=args.seq)
@@ -249,7 +335,8 @@ def run_bare_hf(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bare_loop(model: Any, args: argparse.Namespace, kind: str) -> dict[str, Any]:
-    """AdamW with gradient clipping on random token ids, every step synchronised and timed."""
+    """AdamW with gradient clipping on random token ids, every optimizer step (``--accumulation`` micro-batches of
+    ``--batch`` rows) synchronised and timed."""
     import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -258,11 +345,13 @@ def _bare_loop(model: Any, args: argparse.Namespace, kind: str) -> dict[str, Any
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
-        ids = torch.randint(100, 40000, (args.batch, args.seq), device="cuda", generator=generator)
+        micro_batches = [torch.randint(100, 40000, (args.batch, args.seq), device="cuda", generator=generator)
+                         for _ in range(args.accumulation)]
         torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for ids in micro_batches:
+            loss = model(input_ids=ids, labels=ids).loss / args.accumulation
+            loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +359,8 @@ def _bare_loop(model: Any, args: argparse.Namespace, kind: str) -> dict[str, Any
         times.append(time.perf_counter() - started)
     measured = times[args.warmup:]
     median = sorted(measured)[len(measured) // 2]
-    tokens_per_second = args.batch * args.seq * len(measured) / sum(measured)
+    tokens_per_step = args.batch * args.seq * args.accumulation
+    tokens_per_second = tokens_per_step * len(measured) / sum(measured)
     parameters = _parameter_count(args.model_dir)
     peak = torch.cuda.max_memory_allocated()
     loss_last = round(float(loss.detach()), 4)
@@ -278,9 +368,10 @@ def _bare_loop(model: Any, args: argparse.Namespace, kind: str) -> dict[str, Any
     _free_gpu()
     torch.cuda.reset_peak_memory_stats()
     return {"kind": kind, "model": Path(args.model_dir).name, "batch": args.batch, "seq": args.seq,
+            "accumulation": args.accumulation,
             "runs": [{"tokens_per_second": round(tokens_per_second, 1),
                       "median_step_s": round(median, 4),
-                      "median_tokens_per_second": round(args.batch * args.seq / median, 1),
+                      "median_tokens_per_second": round(tokens_per_step / median, 1),
                       "step_time_s": round(sum(measured) / len(measured), 4),
                       "peak_gpu_gib": round(peak / 2**30, 2),
                       "mfu": round(4 * parameters * tokens_per_second / H100_BF16_FLOPS, 4),
@@ -305,9 +396,12 @@ def run_paired(args: argparse.Namespace) -> dict[str, Any]:
         from unsloth import FastLanguageModel  # noqa: F401, I001 - Unsloth first, as its docs require
     bare_loop = run_bare_unsloth if args.backend == "unsloth" else run_bare_hf
     args.data, args.packing, args.jobs, args.device, args.checkpointing = "full", False, 1, "cuda", True
+    effective = args.batch * args.accumulation
+    bare_args = argparse.Namespace(**{**vars(args), "batch": min(args.bare_batch, effective),
+                                      "accumulation": max(1, effective // args.bare_batch)})
     pairs = []
     for _ in range(args.rounds):
-        bare = bare_loop(args)["runs"][0]
+        bare = bare_loop(bare_args)["runs"][0]
         _free_gpu()
         afina = run_afina(args)["runs"][0]
         _free_gpu()
@@ -316,12 +410,36 @@ def run_paired(args: argparse.Namespace) -> dict[str, Any]:
         pairs.append({"bare": bare, "afina": afina, "afina_over_bare": round(ratio, 4),
                       "afina_over_bare_median": round(median_ratio, 4)})
     return {"kind": "paired", "backend": args.backend, "model": Path(args.model_dir).name, "batch": args.batch,
-            "seq": args.seq, "pairs": pairs}
+            "accumulation": args.accumulation, "bare_batch": bare_args.batch,
+            "bare_accumulation": bare_args.accumulation, "speed": args.speed, "seq": args.seq, "pairs": pairs}
 
 
 # orchestration -----------------------------------------------------------------
 
 PLAN: dict[str, list[str]] = {
+    # issue 15: afina's speed: auto (effective batch 16 in one micro-batch when it fits) vs the bare Unsloth loop at
+    # Unsloth's defaults (micro-batch 4 × 4 accumulation, offloaded checkpointing), same effective batch
+    "auto-pairs-unsloth-llama": ["paired", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--rounds", "3",
+                                 "--batch", "16", "--bare-batch", "4", "--speed", "auto"],
+    "auto-pairs-unsloth-qwen": ["paired", "--shape", "qwen2.5-1.5b", "--backend", "unsloth", "--rounds", "2",
+                                "--batch", "16", "--bare-batch", "4", "--speed", "auto"],
+    "bare-unsloth-default-llama": ["bare-unsloth", "--shape", "llama-3.2-1b", "--batch", "4", "--accumulation", "4"],
+    "afina-hf-auto-llama": ["afina", "--shape", "llama-3.2-1b", "--backend", "hf", "--batch", "16",
+                            "--speed", "auto"],
+    "afina-unsloth-auto-llama-chat-unpacked": ["afina", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--data",
+                                               "chat", "--examples", "4000", "--batch", "16", "--speed", "auto"],
+    "afina-unsloth-auto-llama-chat-packed": ["afina", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--data",
+                                             "chat", "--examples", "4000", "--packing", "--batch", "16",
+                                             "--speed", "auto"],
+    # warm start: a worker process that preloaded, two jobs; then a restarted worker on the same cache volume
+    "warm-start-unsloth-llama": ["afina", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--batch", "16",
+                                 "--speed", "auto", "--jobs", "2", "--preload", "--profile"],
+    "warm-start-unsloth-llama-restarted": ["afina", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--batch",
+                                           "16", "--speed", "auto", "--jobs", "2", "--preload"],
+    "qlora-unsloth-qwen7b": ["afina", "--shape", "qwen2.5-7b", "--backend", "unsloth", "--quantization", "4bit",
+                             "--batch", "8", "--speed", "auto"],
+    "qlora-hf-qwen7b": ["afina", "--shape", "qwen2.5-7b", "--backend", "hf", "--quantization", "4bit",
+                        "--batch", "8", "--speed", "auto"],
     "paired-unsloth-llama": ["paired", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--rounds", "2"],
     "paired-hf-llama": ["paired", "--shape", "llama-3.2-1b", "--backend", "hf", "--rounds", "2"],
     "bare-hf-no-checkpointing-llama": ["bare-hf", "--shape", "llama-3.2-1b", "--no-checkpointing"],
@@ -371,6 +489,7 @@ def main() -> None:
     every.add_argument("--warmup", type=int, default=10)
     every.add_argument("--batch", type=int, default=4)
     every.add_argument("--seq", type=int, default=2048)
+    every.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     every.add_argument("--out")
     afina = sub.add_parser("afina", parents=[every])
     afina.add_argument("--backend", default="unsloth")
@@ -379,6 +498,11 @@ def main() -> None:
     afina.add_argument("--packing", action="store_true")
     afina.add_argument("--device", default="cuda")
     afina.add_argument("--jobs", type=int, default=1, help="jobs in one process: the first cold, the rest warm")
+    afina.add_argument("--speed", choices=["auto", "off"], default="off")
+    afina.add_argument("--preload", action="store_true", help="warm the process up first, as a worker does")
+    afina.add_argument("--profile", action="store_true", help="torch.profiler over steps 20-22 of every job")
+    afina.add_argument("--cache-dir", default="/tmp/afina-bench-cache", help="the compile caches' volume")
+    afina.add_argument("--quantization", choices=["none", "4bit"], default="none")
     sub.add_parser("bare-unsloth", parents=[every])
     bare_hf = sub.add_parser("bare-hf", parents=[every])
     bare_hf.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
@@ -386,6 +510,10 @@ def main() -> None:
     paired.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth")
     paired.add_argument("--rounds", type=int, default=2)
     paired.add_argument("--examples", type=int, default=600)
+    paired.add_argument("--speed", choices=["auto", "off"], default="off")
+    paired.add_argument("--profile", action="store_true", help="torch.profiler over steps 20-22 of every job")
+    paired.add_argument("--bare-batch", type=int, default=4, help="the bare loop's micro-batch (Unsloth's default)")
+    paired.set_defaults(quantization="none")
     everything = sub.add_parser("all")
     everything.add_argument("--tokenizer", required=True)
     everything.add_argument("--out-dir", required=True)

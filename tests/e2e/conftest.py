@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from afina.deploy.processes import stop
 from afina.deploy.runner import StackState, down, up_services
+from tests.support.prometheus import PrometheusServer, start_prometheus
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,13 @@ def services_stack(tmp_path: Path, postgres_database: str, redis_url: str, share
         import redis
 
         redis.Redis.from_url(f"{redis_url}/{redis_db}").flushdb()
+
+
+@pytest.fixture
+def prometheus(services_stack: StackState, tmp_path: Path) -> Iterator[PrometheusServer]:
+    """Debian's Prometheus scraping every process of the stack each second, with afina's alert rules loaded."""
+    server = start_prometheus(services_stack, tmp_path / "prometheus")
+    try:
+        yield server
+    finally:
+        stop(server.process.pid)

@@ -14,6 +14,7 @@ import pytest
 from afina.deploy.processes import alive
 from afina.deploy.runner import StackState, restart_worker
 from tests.support.jobs import SAMPLE_DATASET
+from tests.support.prometheus import PrometheusServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SMOLLM2_VOCABULARY = 49_152
@@ -46,7 +47,8 @@ def finished(client: openai.OpenAI, job_id: str):  # noqa: ANN201
     return job if job.status in {"succeeded", "failed", "cancelled"} else None
 
 
-def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackState, tmp_path: Path) -> None:
+def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackState, prometheus: PrometheusServer,
+                                                         tmp_path: Path) -> None:
     client = client_for(services_stack)
     file_id = upload_sample(client, tmp_path, 24)
     job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=file_id, suffix="aeon",
@@ -87,6 +89,37 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
         model=job.fine_tuned_model, max_tokens=16, temperature=0, stream=True,
         messages=[{"role": "user", "content": "what time is it?"}]) if chunk.choices)
     assert streamed.strip()
+    assert_prometheus_saw_the_job(prometheus, services_stack)
+
+
+def assert_prometheus_saw_the_job(prometheus: PrometheusServer, state: StackState) -> None:
+    """Through a real Prometheus' API: every service's target is up, and the job, queue and gateway metrics
+    moved since it started scraping (a series absent then counts as 0)."""
+    def moved(expr: str) -> bool:
+        now = prometheus.value(expr) or 0.0
+        return now > (prometheus.value(expr, at=prometheus.started_at + 1) or 0.0)
+
+    checks = {
+        "a job succeeded": 'sum(afina_jobs_finished_total{status="succeeded"})',
+        "ingest took a message": 'sum(afina_queue_wait_seconds_count{job="ingest", stage="ingest"})',
+        "train took a message": 'sum(afina_queue_wait_seconds_count{job="trainer", stage="train"})',
+        "export took a message": 'sum(afina_queue_wait_seconds_count{job="exporter", stage="export"})',
+        "training steps were timed": 'sum(afina_train_step_seconds_count{job="trainer"})',
+        "the gateway answered requests": 'sum(afina_http_requests_total{job="gateway"})',
+        "the gateway served inference": 'sum(afina_inference_request_seconds_count{job="gateway"})',
+    }
+    # the last scrape may be up to a second behind the last request
+    wait_for(lambda: all(moved(expr) for expr in checks.values()), 30, "Prometheus to see the job", state)
+    targets = prometheus.api("targets")["activeTargets"]
+    assert {t["labels"]["job"] for t in targets} == set(prometheus.jobs) >= {"gateway", "ingest", "trainer", "exporter"}
+    assert all(t["health"] == "up" for t in targets), [(t["labels"]["job"], t["lastError"]) for t in targets]
+    for job in prometheus.jobs:
+        assert prometheus.value(f'up{{job="{job}"}}') == 1.0, job
+    groups = prometheus.api("rules")["groups"]
+    assert groups and all(rule["health"] == "ok" for group in groups for rule in group["rules"]), groups
+    firing = [alert["labels"]["alertname"] for alert in prometheus.api("alerts")["alerts"]
+              if alert["state"] == "firing"]
+    assert firing == [], firing
 
 
 def test_sigkilled_trainer_resumes_from_checkpoint_and_registers_one_model(services_stack: StackState,

@@ -19,6 +19,7 @@ from afina.core.catalog import resolve_base_model
 from afina.core.datasets.layout import INGEST_ARTIFACTS, dataset_prefix, model_prefix
 from afina.core.db import repository as repo
 from afina.core.db.models import Job
+from afina.core.evaluation_jobs import EVALUATION_KIND, EvaluationSpec
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
 from afina.core.routing import RouteSpec, RouteTarget
 from afina.core.runtime import Runtime
@@ -47,6 +48,7 @@ class TenantObjects:
     export_event: str = ""  # that export's event
     route: str = ""  # a route (alias) whose one target is the fine-tune
     capture: str = ""  # an exchange of that route kept for retraining (its completion is chatcmpl-<capture>)
+    evaluation: str = ""  # the fine-tuning job's evaluation (a job of kind "evaluation")
 
 
 def _artifact_bytes(name: str) -> bytes:
@@ -101,6 +103,10 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
         session.add(export)
         session.flush()
         export_event = repo.add_event(session, export.id, f"Export of {name} queued").id
+        evaluation = Job(id=ids.job_id(), tenant_id=tenant, model=SMOLLM2, training_file=training.id, seed=1,
+                         hyperparameters={}, kind=EVALUATION_KIND, stage="done", status="succeeded",
+                         method={EVALUATION_KIND: EvaluationSpec(model=name, source_job_id=job.id).model_dump()})
+        session.add(evaluation)
         route = f"alias-{secrets.token_hex(6)}"
         repo.put_route(session, tenant, route, RouteSpec(targets=[RouteTarget(model=name)]).to_row())
         capture = secrets.token_hex(12)
@@ -110,7 +116,8 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
     return TenantObjects(tenant=tenant, training_file=training.id, result_file=result.id, job=job.id, events=events,
                          checkpoints=checkpoints, model=name, export=export.id, export_event=export_event,
                          checkpoint_models=[checkpoint_model_name(name, step) for step in (1, 2)],
-                         store_model=f"store://{prefix}/merged", route=route, capture=capture)
+                         store_model=f"store://{prefix}/merged", route=route, capture=capture,
+                         evaluation=evaluation.id)
 
 
 def missing_like(value: str) -> str:

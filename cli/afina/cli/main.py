@@ -227,6 +227,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0 if export["status"] == "succeeded" else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from afina.cli.datasets import CliError
+    from afina.cli.evaluation import comparison_table, run_evaluation
+
+    def names(text: str | None) -> list[str] | None:
+        return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+    try:
+        base_url, api_key = connection(args.home)
+        evaluation = run_evaluation(base_url, api_key, args.model, data=Path(args.data) if args.data else None,
+                                    compare=names(args.compare), metrics=names(args.metrics),
+                                    labels=names(args.labels))
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(comparison_table(evaluation))
+    return 0
+
+
 def _pull(args: argparse.Namespace) -> int:
     from afina.cli.datasets import CliError
     from afina.cli.models import pull
@@ -356,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hub", default=None, metavar="REPO", help="publish to the Hugging Face Hub (user/repo)")
     export.add_argument("--public", action="store_true", help="a public Hub repository (default: private)")
     export.set_defaults(run=_export)
+
+    evaluate = commands.add_parser("eval", help="evaluate a fine-tuned model against its base and GGUF variants")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--data", default=None, help="a test file (the training data's format); default: the "
+                                                       "job's held-out split")
+    evaluate.add_argument("--compare", default=None, metavar="MODELS",
+                          help="what to compare the fine-tuned model with, e.g. base,q4_k_m (default: all)")
+    evaluate.add_argument("--metrics", default=None, help="comma-separated metrics, the first the main one")
+    evaluate.add_argument("--labels", default=None, help="comma-separated label set of a classification task")
+    evaluate.set_defaults(run=_eval)
 
     pull_cmd = commands.add_parser("pull", help="download a fine-tuned model's GGUF (resumes a partial download)")
     pull_cmd.add_argument("model")

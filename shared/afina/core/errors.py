@@ -123,6 +123,22 @@ class ExportFailed(AfinaError):
     code = "export_failed"
 
 
+class EvaluationFailed(AfinaError):
+    """An evaluation that cannot run on what it was given (no held-out examples, a label set that does not
+    fit, an unknown metric): it fails naming the problem, and the job and model it evaluates stay as they were."""
+
+    error_type = "invalid_request_error"
+    code = "evaluation_failed"
+
+
+class ModelBlocked(AfinaError):
+    """The operator enforces the quality gate and this model failed it: it is not served."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "model_blocked_by_quality_gate"
+
+
 class InferenceUnavailable(AfinaError):
     http_status = 503
     error_type = "server_error"

@@ -32,6 +32,10 @@ class KeyGrant:
     scopes: tuple[Scope, ...] = ALL_SCOPES
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    expires_at: int | None = None  # epoch seconds (None: never): a grant held in memory ends with its key
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes
+
+    def expired(self, moment: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= moment

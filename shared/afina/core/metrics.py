@@ -33,7 +33,7 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.metrics_core import Metric
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-JOB_PHASES = ("idle", "ingest", "train", "export")
+JOB_PHASES = ("idle", "ingest", "train", "export", "evaluate")
 GPU_MEMORY_KINDS = ("allocated", "reserved", "peak")
 
 JOB_STAGE_SECONDS = Histogram(
@@ -45,8 +45,8 @@ QUEUE_WAIT_SECONDS = Histogram(
     "afina_queue_wait_seconds", "Time between a stage's message being sent and a worker starting it", ["stage"],
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400),
 )
-JOB_PHASE = Gauge("afina_job_phase", "Worker processes now in each phase (idle, ingest, train, export)", ["phase"],
-                  multiprocess_mode="livesum")
+JOB_PHASE = Gauge("afina_job_phase", "Worker processes now in each phase (idle, ingest, train, export, evaluate)",
+                  ["phase"], multiprocess_mode="livesum")
 TRAIN_STEP_SECONDS = Histogram("afina_train_step_seconds", "Optimizer step wall time",
                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
 TRAIN_TOKENS_PER_SECOND = Gauge("afina_train_tokens_per_second",

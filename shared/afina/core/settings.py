@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from afina.core.quality_gate import GateRules
+
 PLACEHOLDER_SECRETS = frozenset({"", "minioadmin", "changeme", "admin", "password", "secret", "afina"})
 
 
@@ -134,6 +136,17 @@ class Settings(BaseSettings):
     # a prompt whose tokens first differ where the runner-up led by at most this many logits still agrees
     # (f16 rounding flips near-ties; every such prompt is reported)
     fidelity_near_tie_margin: float = 0.01
+
+    # evaluation (a job of its own after every export, on the ``evaluate`` queue): the base model, the
+    # fine-tuned model and every GGUF variant on the held-out split (test, else validation)
+    evaluation_enabled: bool = True
+    evaluation_max_examples: int = Field(200, ge=1)  # the first N held-out examples
+    evaluation_max_new_tokens: int = Field(64, ge=1)  # greedy tokens generated per answer
+    evaluation_train_examples: int = Field(32, ge=0)  # training examples scored for the train/held-out loss gap
+    evaluation_overfit_gap: float = 0.5  # held-out loss minus train loss (nats) above which overfitting is flagged
+    evaluation_max_labels: int = Field(20, ge=2)  # a split with more distinct short answers is not a label task
+    # the quality gate's rules (JSON, afina.core.quality_gate.GateRules); ``enforce`` blocks serving on failure
+    quality_gate: GateRules = Field(default_factory=GateRules)
 
     # publishing: an Ollama the exporter registers models in (None: no registration unless a job asks and
     # fails saying none is configured); a tenant's models are named "<prefix><name>", the prefix a template

@@ -15,6 +15,7 @@ import pytest
 from afina.core.datasets.layout import adapter_prefix, model_prefix
 from afina.core.db import repository as repo
 from afina.core.db.models import Model
+from afina.core.evaluation_jobs import EVALUATION_JOB_EVENT_KEY, EVALUATION_KIND
 from afina.core.queue.jobs import run_stage
 from afina.core.runtime import Runtime
 from afina.core.settings import Settings
@@ -109,9 +110,14 @@ def test_job_succeeded_with_one_registered_model(exported: Exported) -> None:
         "manifest": f"{prefix}/manifest.json",
         "adapter": adapter_prefix(TENANT, job_id),
     }
-    timed = {event.data["phase"]: event for event in event_rows(runtime, job_id) if event.data}
+    events = event_rows(runtime, job_id)
+    timed = {event.data["phase"]: event for event in events if event.data and "phase" in event.data}
     assert set(timed) == set(PHASES)
     assert all(re.search(r" in \d+\.\d s$", event.message) for event in timed.values())
+    # the registration queued the model's evaluation (its own job), and said so on this job
+    queued = [event.data[EVALUATION_JOB_EVENT_KEY] for event in events
+              if event.data and EVALUATION_JOB_EVENT_KEY in event.data]
+    assert len(queued) == 1 and job_row(runtime, queued[0]).kind == EVALUATION_KIND
     assert not (runtime.settings.resolved_work_dir / job_id).exists()
 
 

@@ -25,6 +25,7 @@ from tests.support.ollama_server import ContractOllama
 pytestmark = pytest.mark.integration
 
 OLLAMA_NAME = "acme-greeter"
+COOLDOWN_S = 2.0  # the circuit breaker's (settings.upstream_cooldown_s): short, so a test can outwait it
 MESSAGES = [{"role": "user", "content": "Count from one to ten."}]
 
 
@@ -49,7 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         registrar.create(model=OLLAMA_NAME, files={"model.gguf": digest}, template=CHATML.ollama_template,
                          parameters={"stop": list(CHATML.stop), "num_ctx": 512})
         settings = make_settings(tmp_path_factory.mktemp("gateway-home"), inference_backend="ollama",
-                                 ollama_url=contract.url, inference_n_ctx=512)
+                                 ollama_url=contract.url, inference_n_ctx=512, upstream_cooldown_s=COOLDOWN_S)
         gateway = start_gateway(settings)
         job_id = "ftjob-" + "cd" * 12
         name = fine_tuned_model_name(SMOLLM2, "acme", "greeter", job_id)
@@ -112,6 +113,11 @@ def test_a_route_falls_back_to_the_local_model_while_ollama_is_down(stack: Stack
         assert caught.value.status_code == 502 and "127.0.0.1" not in caught.value.error
     finally:
         stack.ollama.come_back()
+    # the circuit breaker: the fine-tune that just failed is skipped for the cool-down (no wait on a model that
+    # is probably still down), then asked again
+    cooling = acme.chat.completions.with_raw_response.create(model="aeon-custom", messages=MESSAGES, max_tokens=2)
+    assert cooling.headers["x-afina-target"] == SMOLLM2
+    time.sleep(COOLDOWN_S + 0.2)
     again = acme.chat.completions.with_raw_response.create(model="aeon-custom", messages=MESSAGES, max_tokens=2)
     assert again.headers["x-afina-target"] == stack.fine_tune
 

@@ -120,8 +120,8 @@ def test_completions_embeddings_response_format_and_n(routed: Gateway) -> None:
         model=SMOLLM2, prompt="1, 2, 3,", max_tokens=4, temperature=0, stream=True) if chunk.choices)
     assert streamed == completion.choices[0].text
     with pytest.raises(openai.BadRequestError) as caught:
-        acme.completions.create(model=SMOLLM2, prompt="x", echo=True)
-    assert caught.value.body["param"] == "echo"
+        acme.completions.create(model=SMOLLM2, prompt="x", suffix="y")
+    assert caught.value.body["param"] == "suffix"
 
     vectors = acme.embeddings.create(model=SMOLLM2, input=["hello", "olá"])  # the client asks for base64
     assert [item.index for item in vectors.data] == [0, 1] and len(vectors.data[0].embedding) == 576

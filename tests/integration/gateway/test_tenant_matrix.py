@@ -52,6 +52,7 @@ PATH_OBJECTS: dict[str, Objects] = {
     "filename": lambda t: [("model file", "Modelfile")],
     "name": lambda t: [("route", t.route)],
     "completion_id": lambda t: [("captured completion", f"chatcmpl-{t.capture}")],
+    "evaluation_id": lambda t: [("evaluation", t.evaluation)],
 }
 NOT_OBJECT_PATH = {"filename"}
 # a PUT names the caller's own route, creating it: A's route name is B's to take (routes are per tenant); what
@@ -94,6 +95,9 @@ BODY_OBJECTS: dict[tuple[str, str], dict[str, Objects]] = {
                      "fallbacks.model": lambda t: [("fine-tuned model", t.model)],
                      "capture.training_file": FILES},
     **{("POST", path): {"model": MODELS} for path in OLLAMA_MODEL_ROUTES},
+    # an evaluation's file must be the caller's (its model is named by the path)
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/evaluations"): {"file": FILES},
+    ("POST", "/v1/models/{model}/evaluations"): {"file": FILES},
     ("POST", "/v1/files"): {"ingest_options.base_model": lambda t: [("store model", t.store_model)],
                             "ingest_options.encryption.key_env": lambda t: [("key variable", A_KEY_ENV)]},
 }
@@ -113,6 +117,9 @@ NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
     ("PUT", ROUTE): {"system", "options", "timeout_s"},
     ("POST", "/v1/files"): {"file", "purpose", "ingest_options"},
     ("POST", "/v1/chat/completions/{completion_id}/feedback"): {"rating", "correction"},
+    # model keys (base, fine_tuned, gguf:<variant>), metric names and labels: words, not objects
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/evaluations"): {"models", "metrics", "labels"},
+    ("POST", "/v1/models/{model}/evaluations"): {"models", "metrics", "labels"},
 }
 # the body a route whose path names the object needs to reach its lookup (without one it is a 400 for any id)
 PATH_BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -305,6 +312,8 @@ def _body(method: str, path: str, owner: TenantObjects, field_name: str, value: 
         if field_name == "ingest_options.encryption.key_env":
             options = {"encryption": {"key_env": value, "whole_file": True}}
         return Request(method, path, form={"purpose": "fine-tune", "ingest_options": json.dumps(options)})
+    if path.endswith("/evaluations"):  # the owner's own job or model, evaluated on the file named
+        return Request(method, _fill(path, _own(owner, path)), json={field_name: value})
     raise AssertionError(f"{method} {path}: BODY_OBJECTS names {field_name!r} but _body cannot build the request")
 
 

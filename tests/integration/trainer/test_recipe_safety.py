@@ -57,8 +57,8 @@ def test_a_packed_run_trains_on_full_rows(model_cache: Path, tmp_path: Path) -> 
     assert job.trained_tokens == example_tokens
 
 
-def test_cuda_out_of_memory_retries_once_with_half_the_micro_batch(model_cache: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def out_of_memory_at_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real Trainer raises CUDA's out-of-memory error at its first training step, then trains normally."""
     import torch
     from transformers import Trainer
 
@@ -72,6 +72,11 @@ def test_cuda_out_of_memory_retries_once_with_half_the_micro_batch(model_cache: 
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "training_step", out_of_memory_once)
+
+
+def test_cuda_out_of_memory_retries_once_with_half_the_micro_batch(model_cache: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out_of_memory_at_the_first_step(monkeypatch)
     runtime = make_runtime(tmp_path / "home", model_cache)
     job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "oom_retry": True, "max_steps": 2, "save_steps": 100},
                      validation=False)
@@ -81,6 +86,34 @@ def test_cuda_out_of_memory_retries_once_with_half_the_micro_batch(model_cache: 
     resolved = job_row(runtime, job_id).training_config
     assert (resolved["batch_size"], resolved["gradient_accumulation_steps"]) == (2, 2)
     assert sorted(training_metrics(runtime, job_id)) == [1, 2]
+
+
+def test_the_throughput_plan_backs_off_once_on_out_of_memory(model_cache: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``speed: auto``: the plan chose the whole batch at once; CUDA runs out of memory at step 1, and the run
+    rebuilds itself once with the plan's next candidate (same effective batch), says so, and finishes.
+
+    The plan runs on CUDA workers only; here it is let plan this CPU run (the real plan, with all the RAM as its
+    budget), and the real Trainer raises CUDA's out-of-memory error at its first step."""
+    from afina.trainer import recipe
+
+    monkeypatch.setattr(recipe, "PLANNED_DEVICES", ("cpu", "cuda"))
+    out_of_memory_at_the_first_step(monkeypatch)
+    runtime = make_runtime(tmp_path / "home", model_cache)
+    job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "max_steps": 2, "save_steps": 100}, validation=False)
+    assert run_stage(runtime, job_id, "train", train_job) == "done"
+    messages = _messages(runtime, job_id)
+    planned = next(m for m in messages if m.startswith("Throughput plan (speed auto): "))
+    assert "micro-batch 4 × 1 accumulation, no activation checkpointing" in planned
+    backed_off = [m for m in messages if "backing off once to" in m]
+    assert len(backed_off) == 1
+    assert backed_off[0].startswith("CUDA out of memory with micro-batch 4 × 1 accumulation")
+    resolved = job_row(runtime, job_id).training_config
+    assert resolved["batch_size"] * resolved["gradient_accumulation_steps"] == 4  # the effective batch kept
+    assert (resolved["batch_size"], resolved["gradient_checkpointing"], resolved["checkpoint_layers"]) != (4, False,
+                                                                                                           None)
+    assert sorted(training_metrics(runtime, job_id)) == [1, 2]
+    assert any(m.startswith("First optimizer step ") for m in messages)
 
 
 def test_cuda_out_of_memory_without_retry_fails_with_advice(model_cache: Path, tmp_path: Path,

@@ -28,7 +28,7 @@ EVERYTHING: dict[str, Any] = {
     "early_stopping": {"patience": 2, "threshold": 0.01}, "warmup_ratio": 0.1, "warmup_steps": 3,
     "lr_scheduler": "cosine", "optimizer": "paged_adamw_8bit", "weight_decay": 0.01, "seed": 7,
     "gradient_checkpointing": "unsloth", "max_grad_norm": 0.3, "gradient_accumulation_steps": 2, "max_steps": 40,
-    "backend": "unsloth", "oom_retry": True, "chat_family": "llama3.2",
+    "backend": "unsloth", "oom_retry": True, "chat_family": "llama3.2", "speed": "off",
 }
 
 
@@ -48,6 +48,7 @@ def test_defaults_are_documented_values() -> None:
     assert (config.lr_scheduler, config.optimizer, config.weight_decay, config.max_grad_norm) == \
         ("linear", "adamw_torch", 0.0, 1.0)
     assert (config.gradient_checkpointing, config.backend, config.oom_retry) == ("auto", "auto", False)
+    assert (config.speed, config.checkpoint_layers) == ("auto", None)
     assert config.early_stopping is None and config.warmup_steps is None and config.target_modules is None
     assert config.eval_steps == config.steps_per_epoch == 20  # once an epoch
 
@@ -64,7 +65,8 @@ def test_defaults_are_documented_values() -> None:
     ("warmup_ratio", 1.0), ("warmup_ratio", -0.1), ("warmup_steps", -1), ("lr_scheduler", "exponential"),
     ("optimizer", "adam"), ("weight_decay", 2), ("seed", -1), ("seed", 2**31), ("gradient_checkpointing", "yes"),
     ("max_grad_norm", -1), ("gradient_accumulation_steps", 0), ("max_steps", 0), ("backend", "vllm"),
-    ("oom_retry", "true"), ("chat_family", "llama9"), ("chat_family", 3),
+    ("oom_retry", "true"), ("chat_family", "llama9"), ("chat_family", 3), ("speed", "fast"), ("speed", True),
+    ("checkpoint_layers", 0), ("checkpoint_layers", "4"),
 ])
 def test_a_bad_value_is_a_400_naming_its_field(field: str, value: Any) -> None:
     with pytest.raises(InvalidRequest) as caught:
@@ -99,6 +101,12 @@ def test_rules_between_fields() -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_training_spec({"gradient_checkpointing": "unsloth", "backend": "hf"})
     assert caught.value.param == "hyperparameters.gradient_checkpointing"
+    for contradiction in ({"checkpoint_layers": 4, "backend": "unsloth"},
+                          {"checkpoint_layers": 4, "gradient_checkpointing": False}):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_training_spec(contradiction)
+        assert caught.value.param == "hyperparameters.checkpoint_layers"
+    assert parse_training_spec({"checkpoint_layers": 4, "gradient_checkpointing": True}).checkpoint_layers == 4
     with pytest.raises(InvalidRequest) as caught:
         resolve_hyperparameters({"early_stopping": True}, n_train=20, n_validation=0)
     assert caught.value.param == "hyperparameters.early_stopping" and "validation" in caught.value.message

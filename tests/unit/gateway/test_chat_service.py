@@ -88,12 +88,12 @@ class ScriptedBackend:
 class OneModel:
     """``Resolver``'s two methods for a tenant that has one model, ``NAME``."""
 
-    def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
+    async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
         if name != NAME:
             raise model_not_found(name)
         return Plan(requested=name, candidates=[RouteTarget(model=name)])
 
-    def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
+    async def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
         if target.model != NAME:
             raise model_not_found(target.model)
         return SERVED

@@ -29,6 +29,7 @@ from afina.core.keys import KeyGrant
 from afina.core.routing import RouteOptions, RouteSpec, RouteTarget
 from afina.gateway.inference.base import (
     LOCAL_BACKEND,
+    OLLAMA_BACKEND,
     Embeddings,
     Generation,
     GenerationRequest,
@@ -128,18 +129,21 @@ class StaticResolver:
     models: set[str]
     routes: dict[str, RouteSpec] = field(default_factory=dict)
     served_calls: list[str] = field(default_factory=list)
+    in_ollama: set[str] = field(default_factory=set)  # fine-tunes the Ollama backend serves
 
-    def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
+    async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
         if name in self.routes:
             return plan_for_route(name, self.routes[name], user)
         if name in self.models:
             return Plan(requested=name, candidates=[RouteTarget(model=name)])
         raise model_not_found(name)
 
-    def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
+    async def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
         self.served_calls.append(target.label)
         if target.model not in self.models:
             raise model_not_found(target.model)
+        if target.model in self.in_ollama:
+            return ServedModel(name=target.label, backend=OLLAMA_BACKEND, upstream_model=f"acme-{target.model}")
         if target.upstream is not None:
             return ServedModel(name=target.label, backend=target.upstream, upstream_model=target.model)
         return ServedModel(name=target.label, backend=LOCAL_BACKEND, path=Path(f"/models/{target.model}.gguf"))
@@ -655,3 +659,43 @@ def test_an_upstream_that_just_failed_is_skipped_while_a_fallback_remains_then_t
 
     assert run(scenario()) == ["local", "local", "local"]
     assert cloud.calls == ["cloud/m", "cloud/m", "cloud/m"]  # the first, the one after the cool-down, the lone one
+
+
+def test_a_fine_tune_in_ollama_that_just_failed_is_skipped_too_and_only_that_model() -> None:
+    """The same breaker for a fine-tune the exporter registered in Ollama: while it fails, the route's fallback
+    answers at once; another model of the same Ollama is not held against it; after the cool-down it is tried
+    again."""
+    ollama = ScriptedBackend({"ft": Script(error=UpstreamError("ollama: 500 model failed to load", status=500))})
+    local = ScriptedBackend({"local": Script(pieces=["ok"])})
+    resolver = StaticResolver({"ft", "other", "local"}, in_ollama={"ft", "other"})
+    dispatch = Dispatcher(resolver, StaticBackends({LOCAL_BACKEND: local, OLLAMA_BACKEND: ollama}),  # type: ignore[arg-type]
+                          ModelLimiter(max_queue=4, queue_timeout_s=5.0), cooldown_s=0.2)
+    route = route_plan("ft", "local")
+    other = route_plan("other", "local")
+
+    async def scenario() -> list[str]:
+        answers = []
+        for pause in (0.0, 0.0, 0.3):
+            await asyncio.sleep(pause)
+            _, answered = await dispatch.generate(CALLER, route, build)
+            answers.append(answered.target.label)
+        _, answered = await dispatch.generate(CALLER, other, build)
+        answers.append(answered.target.label)
+        return answers
+
+    assert run(scenario()) == ["local", "local", "local", "other"]
+    assert ollama.calls == ["ft", "ft", "other"]  # the first, the one after the cool-down; "other" not skipped
+
+
+def test_a_model_run_here_is_never_put_in_cooldown() -> None:
+    """A local model that failed is tried again by the next request (busy here is the queue's business)."""
+    local = ScriptedBackend({"a": Script(error=UpstreamError("llama.cpp failed", status=500))})
+    dispatch = Dispatcher(StaticResolver({"a", "b"}), StaticBackends({LOCAL_BACKEND: local}),  # type: ignore[arg-type]
+                          ModelLimiter(max_queue=4, queue_timeout_s=5.0), cooldown_s=10.0)
+
+    async def scenario() -> None:
+        for _ in range(2):
+            await dispatch.generate(CALLER, route_plan("a", "b"), build)
+
+    run(scenario())
+    assert local.calls == ["a", "b", "a", "b"]

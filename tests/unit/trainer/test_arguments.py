@@ -101,3 +101,17 @@ def test_assistant_only_loss_off_trains_the_prompt_too(tokenizer: Any) -> None:
     skipped = tokenizer.decode([everything["input_ids"][i] for i, label in enumerate(everything["labels"])
                                 if label == IGNORE_INDEX])
     assert skipped == "Brasília.<|im_end|>"  # a weight-0 reply stays untrained either way
+
+
+def test_selective_checkpointing_is_left_to_the_backend(tmp_path: Path) -> None:
+    """With checkpoint_layers the hf backend set the flag layer by layer; the Trainer must not turn it on for all."""
+    config = resolve_hyperparameters({"gradient_checkpointing": True, "checkpoint_layers": 3}, n_train=64)
+    assert activation_checkpointing(config, "cuda", "hf") is False
+    assert arguments(tmp_path, gradient_checkpointing=True, checkpoint_layers=3).activation_checkpointing is False
+
+
+def test_fused_kernels_reach_the_trainer(tmp_path: Path) -> None:
+    config = resolve_hyperparameters({}, n_train=64)
+    assert sft_arguments(config, tmp_path, device="cpu", seed=5, has_validation=False).use_liger_kernel is False
+    fused = sft_arguments(config, tmp_path, device="cpu", seed=5, has_validation=False, fused_kernels=True)
+    assert fused.use_liger_kernel is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,38 @@ def test_hf_backend_uses_the_same_lora_and_qlora_settings() -> None:
     nf4 = bitsandbytes_config("4bit", torch.bfloat16)
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
     assert bitsandbytes_config("8bit", torch.bfloat16).load_in_8bit
+
+
+def test_selective_checkpointing_recomputes_only_the_first_layers(tmp_path: Path) -> None:
+    """The hf backend with checkpoint_layers: the first N decoder layers recompute in backward, the rest keep their
+    activations — seen by counting each layer's forward calls in one training step (a checkpointed layer runs
+    twice), and the gradients are those of full checkpointing."""
+    import torch
+
+    from afina.trainer.backends import ModelRequest
+    from afina.trainer.backends.hf import load_model
+    from tests.support.tiny_models import TinyShape, build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny", TinyShape("llama", num_hidden_layers=4), dtype="float32")
+
+    def one_step(**overrides: Any) -> tuple[list[int], list[Any]]:
+        request = ModelRequest(base_model_dir=model_dir, device="cpu", dtype="float32", max_seq_len=64,
+                               quantization="none", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                               target_modules=("q_proj", "v_proj"), gradient_checkpointing=True, pad_token_id=3,
+                               seed=7, **overrides)
+        model = load_model(request)
+        model.train()
+        layers = model.get_base_model().model.layers
+        calls = [0] * len(layers)
+        for index, layer in enumerate(layers):  # the MLP runs inside the checkpointed forward: twice if recomputed
+            layer.mlp.register_forward_pre_hook(lambda *_args, index=index: calls.__setitem__(index, calls[index] + 1))
+        ids = torch.arange(10, 42).unsqueeze(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return calls, grads
+
+    selective_calls, selective_grads = one_step(checkpoint_layers=1)
+    full_calls, full_grads = one_step()
+    assert selective_calls == [2, 1, 1, 1]
+    assert full_calls == [2, 2, 2, 2]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(selective_grads, full_grads, strict=True))

@@ -101,3 +101,35 @@ def test_oom_retry_halves_the_micro_batch_and_keeps_the_effective_batch() -> Non
     assert halve_micro_batch(8, 1) == (4, 2)
     assert halve_micro_batch(2, 4) == (1, 8)
     assert halve_micro_batch(1, 4) is None
+
+
+QWEN_7B = ModelShape(hidden_size=3584, intermediate_size=18944, num_layers=28, vocab_size=152064, num_heads=28,
+                     num_kv_heads=4, head_dim=128, tied_embeddings=False)
+
+
+@pytest.mark.parametrize(("shape", "overrides", "measured_gib"), [
+    # peaks measured on an H100 with speed: auto (bench/RESULTS.md, 2026-12-07), sequence 2048
+    (LLAMA_1B, {"backend": "unsloth", "batch_size": 16, "gradient_checkpointing": False}, 36.01),
+    (LLAMA_1B, {"backend": "hf", "batch_size": 16, "gradient_checkpointing": False, "fused_loss": True}, 49.69),
+    (QWEN_7B, {"backend": "unsloth", "batch_size": 4, "gradient_accumulation_steps": 2, "quantization": "4bit",
+               "gradient_checkpointing": False}, 34.72),
+])
+def test_the_plans_estimates_stay_above_the_peaks_measured_without_checkpointing(
+        shape: ModelShape, overrides: dict[str, object], measured_gib: float) -> None:
+    """The throughput plan picks the fastest setting that fits: an estimate below a real peak means an
+    out-of-memory error (the back-off catches it, at the cost of a rebuild); one far above means a slower plan."""
+    estimate = estimate_memory(shape, run(**overrides)).total / GIB
+    assert measured_gib < estimate < measured_gib * 1.5
+
+
+def test_a_warm_workers_cached_blocks_count_as_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver counts memory this process's allocator keeps cached from an earlier job as used; the next
+    job will get it, so the plan must see it (a second job in a worker planned with 27 of 78 GiB otherwise)."""
+    import torch
+
+    from afina.trainer.preflight import cuda_free_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (27 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 40 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 4 * GIB)
+    assert cuda_free_bytes() == (63 * GIB, 80 * GIB)

@@ -3,7 +3,7 @@
 - embedded: SQLite, a local-directory store, Celery over the filesystem, llama.cpp
   in the gateway process; one gateway and one all-in-one worker.
 - services: PostgreSQL, Redis, SeaweedFS (S3), and each service as its own
-  process (gateway, ingest, trainer and exporter workers), serving through
+  process (gateway, ingest, trainer, exporter and evaluator workers), serving through
   ``llama_cpp.server`` processes.
 
 What was started is written to ``<home>/run/state.json`` so ``afina down`` stops
@@ -21,7 +21,7 @@ from pathlib import Path
 from afina.deploy.processes import ManagedProcess, free_port, http_ok, port_open, spawn, stop, wait_ready
 from afina.deploy.seaweedfs import start_seaweedfs
 
-WORKER_SERVICES = {"ingest": "ingest", "trainer": "train", "exporter": "export"}
+WORKER_SERVICES = {"ingest": "ingest", "trainer": "train", "exporter": "export", "evaluator": "evaluate"}
 
 
 @dataclass
@@ -124,7 +124,7 @@ def up_embedded(home: Path, port: int | None = None, tenant: str = "default") ->
     state = StackState(mode="embedded", home=str(home), base_url=f"http://127.0.0.1:{port}/v1",
                        api_key=_bootstrap_key(env, tenant), env=env)
     try:
-        state.processes.append(start_worker(state, ["ingest", "trainer", "exporter"], name="worker"))
+        state.processes.append(start_worker(state, list(WORKER_SERVICES), name="worker"))
         state.processes.append(start_gateway(state, port))
     except BaseException:
         _stop_all(state)
@@ -185,7 +185,7 @@ def restart_worker(home: Path, service: str) -> ManagedProcess:
     state = load_state(home.resolve())
     if state is None:
         raise RuntimeError(f"no stack is running from {home}")
-    names = ["ingest", "trainer", "exporter"] if state.mode == "embedded" else [service]
+    names = list(WORKER_SERVICES) if state.mode == "embedded" else [service]
     name = "worker" if state.mode == "embedded" else service
     process = start_worker(state, names, name=name)
     state.processes = [p for p in state.processes if p.name != name] + [process]

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from afina.core.artifacts import AdapterManifest
+from afina.core.artifacts.evaluation import QualityGate
 from afina.core.artifacts.fidelity import FidelityReport
 from afina.core.catalog import BaseModelSpec
 
@@ -32,7 +33,8 @@ def render_model_card(*, repo_id: str, base: BaseModelSpec, adapter: AdapterMani
                       adapter_dir: str | None = None, modelfile: str | None = None,
                       hyperparameters: Mapping[str, object] | None = None,
                       fidelity: FidelityReport | Mapping[str, object] | None = None, license_id: str | None = None,
-                      language: str | Sequence[str] | None = None, model_name: str | None = None) -> str:
+                      language: str | Sequence[str] | None = None, model_name: str | None = None,
+                      quality_gate: QualityGate | None = None) -> str:
     """The card for ``repo_id`` (``namespace/name``, as published).
 
     ``gguf_files`` maps each published GGUF variant to its path in the repository (empty when only the
@@ -40,12 +42,15 @@ def render_model_card(*, repo_id: str, base: BaseModelSpec, adapter: AdapterMani
     ``modelfile`` the text of the shipped ``Modelfile``. ``license_id`` is a Hub license identifier (the base
     model's); without one the card says ``other`` and points at the base model's terms. ``fidelity`` is the
     fidelity gate's report (or its figures as a mapping), rendered unrounded. ``model_name`` is the model's
-    name in afina (``ft:...``).
+    name in afina (``ft:...``). ``quality_gate`` is the evaluation's verdict, when the model was evaluated before
+    it was published (always so when the operator enforces the gate).
     """
     languages = [language] if isinstance(language, str) else list(language or [])
     figures = fidelity_figures(fidelity) if isinstance(fidelity, FidelityReport) else dict(fidelity or {})
     metadata = _metadata(base=base, adapter=adapter, gguf=bool(gguf_files), license_id=license_id,
                          languages=languages, hyperparameters=hyperparameters or {}, fidelity=figures)
+    if quality_gate is not None:
+        metadata["afina"]["quality_gate"] = quality_gate.model_dump(mode="json")
     front_matter = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000)
     sections = [
         _introduction(repo_id, base, adapter, gguf_files, served_variant, adapter_dir, model_name),
@@ -53,6 +58,7 @@ def render_model_card(*, repo_id: str, base: BaseModelSpec, adapter: AdapterMani
         _usage_section(repo_id, gguf_files, served_variant, adapter_dir, modelfile, adapter.hf_repo),
         _training_section(adapter, hyperparameters or {}),
         _fidelity_section(figures),
+        _quality_gate_section(quality_gate),
     ]
     if license_id is None:
         sections.append("## License\n\nThe license of the base model applies"
@@ -195,6 +201,19 @@ def _fidelity_section(fidelity: Mapping[str, object]) -> str:
         else:
             lines.append(f"- **{key}**: {_figure(value)}")
     return "\n".join(lines).rstrip()
+
+
+def _quality_gate_section(gate: QualityGate | None) -> str:
+    """The evaluation's verdict: each rule with the two figures it compared and its limit, unrounded."""
+    if gate is None:
+        return ""
+    lines = ["## Quality gate", "",
+             f"afina evaluated this model against its base and its 16-bit GGUF on held-out examples (main metric "
+             f"`{gate.main_metric}`): the gate **{'passed' if gate.passed else 'failed'}**.", "",
+             "| rule | model | value | compared with | limit | result |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {c.rule} | {c.model} | {_figure(c.value)} | {c.against} {_figure(c.reference)} | {_figure(c.limit)} "
+              f"| {'pass' if c.passed else 'FAIL'} |" for c in gate.checks]
+    return "\n".join(lines)
 
 
 def _table_rows(value: object) -> dict[str, Mapping[str, object]] | None:

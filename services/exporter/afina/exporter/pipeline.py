@@ -103,7 +103,8 @@ def export_job(context: JobContext) -> None:
     target = export_target(runtime, job)
     if not target.reexport and finish_registered(context) is not None:
         context.event("Model already registered for this job; nothing to export")
-        publish_model(context, target, only_missing=True)
+        if not publication_waits_for_gate(settings, target):
+            publish_model(context, target, only_missing=True)
         return None
     # the base model (and family) the source job resolved at creation, as its train stage used it
     spec = job_base_model(target.source, store=runtime.store, allowed_model_dirs=settings.allowed_model_dirs)
@@ -130,10 +131,21 @@ def export_job(context: JobContext) -> None:
                             message=f"Model {target.model_name} exported again (serving {manifest.serve.upper()})")
     else:
         register_export(context, served,
-                        message=f"Fine-tuned model {target.model_name} is ready (serving {manifest.serve.upper()})")
+                        message=f"Fine-tuned model {target.model_name} is ready (serving {manifest.serve.upper()})",
+                        publish_after_gate=publication_waits_for_gate(settings, target))
     log_event(log, "export.registered", job_id=job.id, model=target.model_name, serve=manifest.serve)
-    publish_model(context, target)
+    if publication_waits_for_gate(settings, target):
+        context.event("Publishing (Ollama, the Hub) waits for the quality gate of the evaluation "
+                      "(AFINA_QUALITY_GATE enforce): a passed gate publishes, a failed one blocks it")
+    else:
+        publish_model(context, target)
     return None
+
+
+def publication_waits_for_gate(settings: Any, target: ExportTarget) -> bool:
+    """A fine-tuning job's first publication waits for its evaluation when the operator enforces the gate
+    (a re-export, including the one a passed gate queues, publishes at once)."""
+    return settings.evaluation_enabled and settings.quality_gate.enforce and not target.reexport
 
 
 def read_complete_manifest(store: ArtifactStore, keys: ExportKeys) -> ExportManifest | None:

@@ -22,6 +22,7 @@ from afina.core.artifacts import (
     HubPublication,
     OllamaRegistration,
 )
+from afina.core.artifacts.evaluation import QualityGate
 from afina.core.catalog import BaseModelSpec
 from afina.core.db.models import Model
 from afina.core.queue.jobs import JobContext
@@ -44,6 +45,18 @@ def publish_model(context: JobContext, target: ExportTarget, *, only_missing: bo
         model = session.get(Model, target.model_name)
         done_ollama = bool(model and (model.ollama or {}).get("status") == "registered")
         done_hub = bool(model and (model.hub or {}).get("status") == "registered")
+        gate = QualityGate.model_validate(model.quality_gate) if model is not None and model.quality_gate else None
+    if gate is not None and gate.blocks_serving:
+        reason = f"blocked by the quality gate: {'; '.join(gate.failures())}"
+        context.event(f"Not publishing {target.model_name}: it is {reason}", level="warn")
+        now = int(time.time())
+        record_publication(context, target.model_name,
+                           ollama=OllamaRegistration(name=target.model_name, status="failed", variant=None,
+                                                     updated_at=now, error=reason) if wants_ollama else None,
+                           hub=HubPublication(repo=target.options.hub.repo, status="failed",
+                                              private=target.options.hub.private, updated_at=now, error=reason)
+                           if target.options.hub is not None else None)
+        return
     manifest = target.existing_manifest(runtime)
     if manifest is None:
         return
@@ -130,13 +143,16 @@ def _to_hub(context: JobContext, target: ExportTarget, manifest: ExportManifest,
             relative = entry.key[len(prefix):]
             files.append((f"adapter/{relative}", _fetch(context, entry.key, work_dir / "adapter" / relative)))
     fidelity = _verification(context, manifest).get("fidelity")
+    with context.runtime.db.session() as session:
+        row = session.get(Model, target.model_name)
+        gate = QualityGate.model_validate(row.quality_gate) if row is not None and row.quality_gate else None
 
     def card(repo_id: str) -> str:
         return render_model_card(repo_id=repo_id, base=spec, adapter=adapter, gguf_files=gguf_files,
                                  served_variant=manifest.serve,
                                  adapter_dir="adapter" if hub.include_adapter and adapter is not None else None,
                                  modelfile=modelfile.read_text(), hyperparameters=target.source.training_config,
-                                 fidelity=fidelity, model_name=target.model_name)
+                                 fidelity=fidelity, model_name=target.model_name, quality_gate=gate)
 
     context.event(f"Publishing {target.model_name} to the Hugging Face Hub ({hub.repo}, "
                   f"{'private' if hub.private else 'public'})")

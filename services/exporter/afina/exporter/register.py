@@ -13,27 +13,40 @@ from sqlalchemy.orm import Session
 
 from afina.core.artifacts import HubPublication, OllamaRegistration, ServedArtifacts
 from afina.core.db import repository as repo
-from afina.core.db.models import Job, Model
+from afina.core.db.models import Job, Model, OutboxMessage
 from afina.core.errors import ExportFailed
+from afina.core.evaluation_jobs import add_evaluation_job
 from afina.core.naming import fine_tuned_model_name
+from afina.core.queue import outbox
 from afina.core.queue.jobs import JobContext
 
 
-def register_export(context: JobContext, served: ServedArtifacts, message: str) -> str:
-    """Register the job's model, set ``fine_tuned_model`` and mark the job succeeded; returns the model name.
+def register_export(context: JobContext, served: ServedArtifacts, message: str, *,
+                    publish_after_gate: bool = False) -> str:
+    """Register the job's model, set ``fine_tuned_model``, queue its evaluation (``AFINA_EVALUATION_ENABLED``)
+    and mark the job succeeded; returns the model name.
 
     Fenced by the lease: an exporter that stalled and lost the job to another registers nothing.
+    ``publish_after_gate``: publishing waits for the evaluation's quality gate, which queues it on a pass.
     """
+    messages: list[OutboxMessage] = []
+
     def register(session: Session, job: Job) -> str:
+        messages.clear()  # a retried transaction starts over
         name = fine_tuned_model_name(job.model, job.tenant_id, job.suffix, job.id)
         repo.register_model(session, name=name, tenant_id=job.tenant_id, base_model=job.model, job_id=job.id,
                             artifacts=served.model_dump(mode="json"))
         job.fine_tuned_model = name
+        if context.runtime.settings.evaluation_enabled:
+            evaluation = add_evaluation_job(session, job, name, publish_on_pass=publish_after_gate)
+            messages.extend([evaluation] if evaluation is not None else [])
         if job.status != "succeeded":
             repo.set_status(session, job, "succeeded", message=message)
         return name
 
-    return context.write(register, "model registration")
+    name = context.write(register, "model registration")
+    outbox.deliver(context.runtime, messages)
+    return name
 
 
 def finish_registered(context: JobContext) -> str | None:

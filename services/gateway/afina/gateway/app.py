@@ -22,6 +22,7 @@ from afina.gateway.chat.router import router as chat_router
 from afina.gateway.completions.router import router as completions_router
 from afina.gateway.embeddings.router import router as embeddings_router
 from afina.gateway.errors import install_error_handlers, log
+from afina.gateway.evaluations.router import router as evaluations_router
 from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
 from afina.gateway.inference.files import ModelFileCache
@@ -30,6 +31,8 @@ from afina.gateway.middleware import MetricsMiddleware, RateLimitHeadersMiddlewa
 from afina.gateway.models.router import router as models_router
 from afina.gateway.ollama.router import root_router as ollama_root_router
 from afina.gateway.ollama.router import router as ollama_router
+from afina.gateway.registry.cache import RegistryCache
+from afina.gateway.registry.generation import open_generation_reader
 from afina.gateway.routes.router import router as routes_router
 from afina.gateway.serving.backends import Backends
 from afina.gateway.serving.capture import CaptureObserver
@@ -50,7 +53,8 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         runtime = Runtime(settings)
     settings = runtime.settings
     backends = Backends(settings)
-    resolver = Resolver(runtime, ModelFileCache(runtime), serve_from_ollama=backends.serves_from_ollama)
+    registry = RegistryCache(lambda: runtime.db, open_generation_reader(settings.resolved_database_url))
+    resolver = Resolver(runtime, ModelFileCache(runtime), registry, serve_from_ollama=backends.serves_from_ollama)
     rate_limiter = open_rate_limiter(settings)
     dispatcher = Dispatcher(resolver, backends, ModelLimiter(max_queue=settings.model_max_queue,
                                                              queue_timeout_s=settings.model_queue_timeout_s,
@@ -68,6 +72,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         finally:
             await backends.close()
             await rate_limiter.close()
+            await registry.close()
             log_event(log, "gateway.stopped")
 
     # the API's own map (/docs, /redoc, /openapi.json) only where the operator wants it: local mode, or
@@ -79,12 +84,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                   openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
     app.state.dispatcher = dispatcher
+    app.state.registry = registry
     app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, settings=runtime.settings)  # key and body size before the body
     app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
-    for router in (files_router, fine_tuning_router, models_router, chat_router, completions_router,
+    for router in (files_router, fine_tuning_router, evaluations_router, models_router, chat_router, completions_router,
                    embeddings_router, captures_router, routes_router):  # captures before routes: see its router
         app.include_router(router)
     # Ollama's API has no OpenAPI document of its own; afina's would only restate docs/api.md

@@ -38,7 +38,7 @@ def check_no_nul(name: str, value: str | None) -> None:
         raise InvalidRequest(f"Invalid '{name}': {NUL_MESSAGE}.", param=name)
 
 
-def refuse_nul_params(request: Request) -> None:
+async def refuse_nul_params(request: Request) -> None:
     """Refuse a path or query parameter holding NUL before any route logic runs (a router dependency)."""
     for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
         if isinstance(value, str):

@@ -39,6 +39,8 @@ def activation_checkpointing(config: TrainingConfig, device: str, backend: str |
     never for Unsloth, which sets its own (``"unsloth"``) on the model."""
     if backend == "unsloth" or config.gradient_checkpointing == "unsloth":
         return False
+    if config.checkpoint_layers is not None:
+        return False  # selective: the hf backend set it layer by layer; the Trainer would turn it on for all
     if config.gradient_checkpointing == AUTO:
         return device == "cuda"
     return bool(config.gradient_checkpointing)
@@ -50,7 +52,7 @@ def warmup(config: TrainingConfig) -> int | float:
 
 
 def sft_arguments(config: TrainingConfig, output_dir: Path, *, device: str, seed: int, has_validation: bool,
-                  backend: str | None = None) -> Any:
+                  backend: str | None = None, fused_kernels: bool = False) -> Any:
     """``SFTConfig`` for ``config`` on ``device`` (``cpu``/``cuda``); ``InvalidRequest`` naming the field for a
     setting this device or dataset cannot honour."""
     import torch
@@ -92,6 +94,9 @@ def sft_arguments(config: TrainingConfig, output_dir: Path, *, device: str, seed
         # 4 × 2048 tokens); on a CPU they would only compete with training for the cores
         dataloader_num_workers=2 if cuda else 0, dataloader_persistent_workers=cuda,
         report_to=[], push_to_hub=False, disable_tqdm=True, log_level="warning",
+        # Liger's Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE), patched into the model by
+        # the Trainer: decided by kernels.use_fused_kernels (CUDA, the hf backend, a model type Liger covers)
+        use_liger_kernel=fused_kernels,
     )
 
 

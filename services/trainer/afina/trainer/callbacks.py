@@ -135,3 +135,28 @@ class RunCallback(TrainerCallback):
         observers.sampler.phase = "save"
         observers.sampler.record("train_end")
         observers.uploads.now()
+
+
+class EarlyStepsCallback(TrainerCallback):
+    """The run's first steps: the start-up summary after step 1 and the memory check after ``check_step``.
+
+    The throughput plan chose its micro-batch and checkpointing from an estimate; the measured
+    peak of the first steps says how close the estimate was, in the job's events and report.
+    """
+
+    def __init__(self, on_first_step: Callable[[], None], on_memory_check: Callable[[int], None],
+                 check_step: int = 3) -> None:
+        self.on_first_step = on_first_step
+        self.on_memory_check = on_memory_check
+        self.check_step = check_step
+        self.first_seen = False
+        self.checked = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if not self.first_seen:
+            self.first_seen = True
+            self.on_first_step()
+        if not self.checked and (state.global_step >= self.check_step or state.global_step >= state.max_steps):
+            self.checked = True
+            self.on_memory_check(state.global_step)

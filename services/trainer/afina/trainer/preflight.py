@@ -16,7 +16,7 @@ The estimate is deliberately simple and calibrated against measured peaks
   plus one layer recomputed (34·h bytes, Korthikanti et al.); without, 34·h per layer;
 - logits: tokens × vocabulary × 2 bytes for transformers (the bf16 logits; calibrated on the
   H200 runs in bench/RESULTS.md, where the measured peaks stayed below this estimate), and
-  a quarter of that for Unsloth's chunked cross-entropy;
+  a quarter of that for a chunked cross-entropy (Unsloth's, Liger's fused linear cross-entropy);
 - a fixed 0.75 GiB for the CUDA context and allocator slack, and a 15% margin on the total.
 """
 
@@ -35,6 +35,10 @@ MARGIN = 1.15
 CUDA_CONTEXT_BYTES = 0.75 * GIB
 LORA_BYTES_PER_PARAM = 16
 ACTIVATION_BYTES_PER_HIDDEN = 34  # per token per layer, 16-bit (Korthikanti et al. 2022)
+# transformers' unfused layers keep more: 49.7 GiB measured for Llama-3.2-1B, 16 × 2048 tokens, no checkpointing,
+# Liger's kernels on (H100, 2026-12-07, bench/RESULTS.md), i.e. about 46·h a token a layer; Unsloth's fused
+# layers measured 36.0 GiB for the same run, within the 34·h rule
+ACTIVATION_BYTES_PER_HIDDEN_HF = 48
 LOGIT_BYTES_HF = 2
 LOGIT_BYTES_UNSLOTH = 0.5
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
@@ -103,6 +107,8 @@ class RunShape:
     gradient_checkpointing: bool
     lora_r: int
     target_modules: tuple[str, ...]
+    checkpoint_layers: int | None = None  # with gradient checkpointing: layers that checkpoint (None: all)
+    fused_loss: bool = False  # a chunked/fused cross-entropy (Unsloth's, Liger's): the logits never exist whole
 
 
 @dataclass(frozen=True)
@@ -127,20 +133,30 @@ class MemoryEstimate:
 def estimate_memory(model: ModelShape, run: RunShape) -> MemoryEstimate:
     """Peak bytes of one training step on the device that holds the model."""
     if run.quantization in QUANTIZED_BYTES_PER_PARAM:
+        # PEFT's prepare_model_for_kbit_training (the hf backend) upcasts what stays unquantized to fp32
+        embedding_bytes = 4 if run.backend == "hf" else 2
         weights = (model.num_layers * model.layer_linear_params * QUANTIZED_BYTES_PER_PARAM[run.quantization]
-                   + model.embedding_params * 2)
+                   + model.embedding_params * embedding_bytes)
     else:
         weights = model.parameters * BYTES_PER_PARAM.get(run.dtype, 2.0)
     act_scale = BYTES_PER_PARAM.get(run.dtype, 2.0) / 2  # the 34·h rule counts 16-bit activations
     tokens = run.batch_size * run.tokens_per_row
     hidden = model.hidden_size
-    if run.gradient_checkpointing:
-        per_token = (model.num_layers * 2 * hidden + ACTIVATION_BYTES_PER_HIDDEN * hidden) * act_scale
-        if run.backend == "unsloth":  # Unsloth offloads the checkpointed layer inputs to CPU memory
-            per_token = ACTIVATION_BYTES_PER_HIDDEN * hidden * act_scale
+    per_layer = ACTIVATION_BYTES_PER_HIDDEN_HF if run.backend == "hf" and run.device == "cuda" \
+        else ACTIVATION_BYTES_PER_HIDDEN  # a layer that keeps all its activations
+    if run.gradient_checkpointing and run.backend == "unsloth":
+        # Unsloth offloads the checkpointed layer inputs to CPU memory: one layer's activations stay
+        per_token = ACTIVATION_BYTES_PER_HIDDEN * hidden * act_scale
+    elif run.gradient_checkpointing:
+        # checkpointed layers keep their input (2·h) and one of them is recomputed at a time (34·h); with
+        # selective checkpointing the first layers checkpoint and the others keep all their activations, which
+        # backward frees before it reaches a checkpointed layer: the peak holds one or the other, not both
+        checkpointed = min(model.num_layers, run.checkpoint_layers or model.num_layers)
+        kept = max(model.num_layers - checkpointed, 1)
+        per_token = (checkpointed * 2 + kept * per_layer) * hidden * act_scale
     else:
-        per_token = model.num_layers * ACTIVATION_BYTES_PER_HIDDEN * hidden * act_scale
-    logit_bytes = LOGIT_BYTES_UNSLOTH if run.backend == "unsloth" else LOGIT_BYTES_HF
+        per_token = model.num_layers * per_layer * hidden * act_scale
+    logit_bytes = LOGIT_BYTES_UNSLOTH if run.backend == "unsloth" or run.fused_loss else LOGIT_BYTES_HF
     return MemoryEstimate(
         weights=weights,
         lora=model.lora_params(run.lora_r, run.target_modules) * LORA_BYTES_PER_PARAM,
@@ -194,13 +210,21 @@ class Resources:
 
         gpu_free = gpu_total = None
         if device == "cuda":
-            import torch
-
-            free, total = torch.cuda.mem_get_info()
-            gpu_free, gpu_total = float(free), float(total)
+            gpu_free, gpu_total = cuda_free_bytes()
         work_dir.mkdir(parents=True, exist_ok=True)
         return cls(gpu_free=gpu_free, gpu_total=gpu_total, ram_available=float(psutil.virtual_memory().available),
                    disk_free=float(shutil.disk_usage(work_dir).free))
+
+
+def cuda_free_bytes() -> tuple[float, float]:
+    """(free, total) bytes of this process's GPU as a new run can use them: what the driver reports free plus
+    what this process's caching allocator holds reserved but unallocated (a warm worker's earlier job left it
+    there; the driver counts it as used, and the run will get it)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return float(free + max(cached, 0)), float(total)
 
 
 def check_fits(model: ModelShape, run: RunShape, resources: Resources, *, disk_needed: float) -> MemoryEstimate:

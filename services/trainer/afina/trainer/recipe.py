@@ -54,8 +54,10 @@ from afina.trainer.data import (
     load_prepared_dataset,
 )
 from afina.trainer.guards import LossGuard, is_out_of_memory, loss_guard_callback
+from afina.trainer.kernels import FusedKernels, use_fused_kernels
 from afina.trainer.packing import PaddingFreeCollator, pack_rows
 from afina.trainer.parent import check_compatible, fetch_parent_adapter, load_parent_weights, parent_job_of
+from afina.trainer.phases import PhaseClock
 from afina.trainer.preflight import (
     GIB,
     MemoryEstimate,
@@ -67,6 +69,7 @@ from afina.trainer.preflight import (
     halve_micro_batch,
 )
 from afina.trainer.report import RunFacts, build_report, metric_records, metrics_jsonl
+from afina.trainer.throughput import Checkpointing, Fixed, ThroughputPlan, plan_throughput
 
 if TYPE_CHECKING:  # callbacks imports transformers: the recipe imports it only inside a running stage
     from afina.trainer.callbacks import RunObservers
@@ -74,6 +77,8 @@ if TYPE_CHECKING:  # callbacks imports transformers: the recipe imports it only 
 log = logging.getLogger("afina.trainer")
 
 NEXT_STAGE = "export"
+# where ``speed: auto`` plans the run: a GPU's memory is what limits its speed; a CPU run keeps its config
+PLANNED_DEVICES: tuple[str, ...] = ("cuda",)
 Rows = list[dict[str, list[int]]]
 
 
@@ -122,6 +127,10 @@ class LoRAFinetuneRecipe:
         self.work_dir = self.settings.resolved_work_dir / context.job_id
         self.output_dir = self.work_dir / "output"
         self.started = time.monotonic()
+        self.phases = PhaseClock()
+        self.plan: ThroughputPlan | None = None
+        self.kernels = FusedKernels(False, "not decided yet")
+        self.measured_peak: float | None = None  # bytes of GPU memory at the plan's check step
         self.resumed_from: int | None = None
         self.observers: RunObservers | None = None  # once setup reaches the trainer
         self._published_config = self.job.training_config
@@ -146,8 +155,10 @@ class LoRAFinetuneRecipe:
         device = self._setup_device(self.settings.trainer_device)
         backend = self._setup_backend(wanted.backend, device)  # before the tokenizer: Unsloth precedes transformers
         self.placement = Placement(device=device, backend=backend, dtype=_dtype_name(device))
+        self.phases.mark("backend import")
         self.base_model_dir = self._setup_base_model(self.base)
         self.tokenizer = self._setup_tokenizer(self.base_model_dir, self.base)
+        self.phases.mark("base model files")
         context.check_continue()
         max_seq_len = check_max_seq_len(wanted.max_seq_len, self.base.context_length)
         self.dataset = self._setup_data(prepared, self.tokenizer, self.base.family.training_template,
@@ -156,15 +167,23 @@ class LoRAFinetuneRecipe:
         # with packing, a "training example" of the batch rules is a packed row
         self.config = self._setup_config(requested, n_train=len(self.train_rows),
                                          n_validation=len(self.dataset.validation.rows), base=self.base)
+        self.phases.mark("dataset")
+        self.kernels = self._setup_kernels(self.config, self.placement, self.base_model_dir)
+        self.plan = self._setup_plan(self.config, self.placement, self.base_model_dir, self.train_rows,
+                                     self.base.family)
+        if self.plan is not None:
+            self.config = self._apply_plan(self.config, self.plan)
         self.memory_estimate = self._setup_preflight(self.config, self.placement, self.base_model_dir,
                                                      self.train_rows, self.base.family)
         context.check_continue()
         self.model = self._setup_model(self.config, self.placement, self.base_model_dir, self.base,
                                        pad_token_id=self.tokenizer.pad_token_id)
+        self.phases.mark("model load")
         self.observers = self._setup_observers(self.work_dir / "metrics")
         self.resume_dir = self.load_checkpoint()
         self.trainer = self._setup_trainer(self.config, self.placement, self.model, self.tokenizer, self.train_rows,
                                            self.dataset.validation.rows, self.observers)
+        self.phases.mark("trainer setup")
 
     @staticmethod
     def _setup_device(wanted: str) -> str:
@@ -250,12 +269,7 @@ class LoRAFinetuneRecipe:
                          family: ChatFamily) -> MemoryEstimate:
         """Refuse, with a setting that would fit, a run this worker cannot hold (before loading the model)."""
         model_shape = ModelShape.from_config_file(base_model_dir / "config.json")
-        longest = config.max_seq_len if config.packing else max(len(row["input_ids"]) for row in train_rows)
-        run_shape = RunShape(backend=placement.backend, device=placement.device, dtype=placement.dtype,
-                             quantization=config.quantization, batch_size=config.batch_size,
-                             gradient_accumulation_steps=config.gradient_accumulation_steps, tokens_per_row=longest,
-                             gradient_checkpointing=_gradient_checkpointing(config, placement.device),
-                             lora_r=config.lora_r, target_modules=lora_targets(config, family))
+        run_shape = self._run_shape(config, placement, train_rows, family)
         resources = Resources.measure(placement.device, self.work_dir)
         disk_needed = checkpoint_bytes(model_shape, run_shape) * 2
         estimate = check_fits(model_shape, run_shape, resources, disk_needed=disk_needed)
@@ -263,6 +277,72 @@ class LoRAFinetuneRecipe:
         self.context.event(f"Preflight: about {estimate.total / GIB:.1f} GiB of {where} needed "
                            f"({estimate.describe()})")
         return estimate
+
+    def _run_shape(self, config: TrainingConfig, placement: Placement, train_rows: Rows,
+                   family: ChatFamily) -> RunShape:
+        """What the memory estimate needs of ``config`` on ``placement`` (the longest row sizes the worst batch)."""
+        longest = config.max_seq_len if config.packing else max(len(row["input_ids"]) for row in train_rows)
+        return RunShape(backend=placement.backend, device=placement.device, dtype=placement.dtype,
+                        quantization=config.quantization, batch_size=config.batch_size,
+                        gradient_accumulation_steps=config.gradient_accumulation_steps, tokens_per_row=longest,
+                        gradient_checkpointing=_gradient_checkpointing(config, placement.device),
+                        lora_r=config.lora_r, target_modules=lora_targets(config, family),
+                        checkpoint_layers=config.checkpoint_layers, fused_loss=self.kernels.enabled)
+
+    def _setup_kernels(self, config: TrainingConfig, placement: Placement, base_model_dir: Path) -> FusedKernels:
+        """Liger's fused kernels for the hf backend on CUDA (``speed: auto``), said in the events when used."""
+        import json
+
+        model_type = str(json.loads((base_model_dir / "config.json").read_text()).get("model_type", ""))
+        kernels = use_fused_kernels(speed=config.speed, device=placement.device, backend=placement.backend,
+                                    model_type=model_type)
+        if kernels.enabled:
+            self.context.event(f"Fused kernels: {kernels.reason}")
+        return kernels
+
+    def _setup_plan(self, config: TrainingConfig, placement: Placement, base_model_dir: Path, train_rows: Rows,
+                    family: ChatFamily) -> ThroughputPlan | None:
+        """``speed: auto`` on a GPU: the fastest micro-batch split and checkpointing that fit its free memory."""
+        if config.speed != "auto" or placement.device not in PLANNED_DEVICES:
+            return None
+        model_shape = ModelShape.from_config_file(base_model_dir / "config.json")
+        run_shape = self._run_shape(config, placement, train_rows, family)
+        resources = Resources.measure(placement.device, self.work_dir)
+        budget = resources.gpu_free if placement.device == "cuda" else resources.ram_available
+        mean_tokens = sum(len(row["input_ids"]) for row in train_rows) / len(train_rows)
+        plan = plan_throughput(model_shape, run_shape, budget=budget or 0.0,
+                               fixed=self._fixed_by_request(config, placement.backend),
+                               mean_tokens_per_row=mean_tokens)
+        self.context.event(f"Throughput plan (speed auto): {plan.describe()}")
+        for note in plan.notes:
+            self.context.event(note, level="warn")
+        return plan
+
+    def _fixed_by_request(self, config: TrainingConfig, backend: str) -> Fixed:
+        """What the request set explicitly (``job.hyperparameters`` holds only what was set): the plan keeps it."""
+        asked = self.job.hyperparameters or {}
+        checkpointing = None
+        if asked.get("gradient_checkpointing", "auto") != "auto":
+            checkpointing = checkpoint_mode(config, backend)
+        return Fixed(accumulation=config.gradient_accumulation_steps if "gradient_accumulation_steps" in asked
+                     else None,
+                     checkpointing=checkpointing,
+                     checkpoint_layers=config.checkpoint_layers if "checkpoint_layers" in asked else None)
+
+    def _apply_plan(self, config: TrainingConfig, plan: ThroughputPlan) -> TrainingConfig:
+        """``config`` with the plan's micro-batch, accumulation and checkpointing, stored as the job's config."""
+        chosen = plan.chosen
+        setting: dict[str, Any] = {"none": {"gradient_checkpointing": False, "checkpoint_layers": None},
+                                   "full": {"gradient_checkpointing": True, "checkpoint_layers": None},
+                                   # true is Unsloth's offloaded variant on its backend, and still means
+                                   # something to a CPU worker that resumes the job
+                                   "offloaded": {"gradient_checkpointing": True, "checkpoint_layers": None},
+                                   "selective": {"gradient_checkpointing": True,
+                                                 "checkpoint_layers": chosen.checkpoint_layers}}[chosen.checkpointing]
+        planned = {**stored_training_config(config), "batch_size": chosen.micro_batch,
+                   "gradient_accumulation_steps": chosen.accumulation, **setting}
+        return self._setup_config(planned, n_train=len(self.train_rows),
+                                  n_validation=len(self.dataset.validation.rows), base=self.base)
 
     def _setup_model(self, config: TrainingConfig, placement: Placement, base_model_dir: Path, base: BaseModelSpec,
                      *, pad_token_id: int) -> Any:
@@ -273,7 +353,7 @@ class LoRAFinetuneRecipe:
             lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=lora_targets(config, base.family),
             gradient_checkpointing=_gradient_checkpointing(config, placement.device),
-            pad_token_id=pad_token_id, seed=self.job.seed)
+            checkpoint_layers=config.checkpoint_layers, pad_token_id=pad_token_id, seed=self.job.seed)
         self.context.event(f"Loading {base.id} with the {placement.backend} backend ({request.dtype}, "
                            f"quantization {request.quantization})")
         model = load_trainable_model(placement.backend, request)
@@ -298,63 +378,105 @@ class LoRAFinetuneRecipe:
         from trl import SFTTrainer
 
         from afina.trainer.arguments import sft_arguments, trainer_callbacks
+        from afina.trainer.callbacks import EarlyStepsCallback
 
         has_validation = bool(validation_rows)
         args = sft_arguments(config, self.output_dir, device=placement.device, seed=self.job.seed,
-                             has_validation=has_validation, backend=placement.backend)
+                             has_validation=has_validation, backend=placement.backend,
+                             fused_kernels=self.kernels.enabled)
         return SFTTrainer(
             model=model, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(validation_rows) if has_validation else None,
             data_collator=PaddingFreeCollator() if config.packing else None,
             callbacks=[observers.callback(), loss_guard_callback(LossGuard(config.learning_rate)),
-                       *trainer_callbacks(config)],
+                       EarlyStepsCallback(self._first_step_done, self._check_memory), *trainer_callbacks(config)],
         )
 
     # training --------------------------------------------------------------
 
     def train(self) -> None:
-        """Train to the end; on CUDA out-of-memory, retry once with half the micro-batch if allowed."""
+        """Train to the end; on CUDA out-of-memory, back off once: to the plan's next candidate (``speed: auto``)
+        or, with ``oom_retry``, to half the micro-batch."""
+        failure = self._train_catching_out_of_memory()
+        if failure is None:
+            return
+        # the rebuild happens here, outside the except clause: the exception's traceback held the failed step's
+        # frames, and with them its activations, until that clause ended (seen on an H100: the back-off's new model
+        # did not fit beside them)
+        fallback = self.plan.fallback() if self.plan is not None else None
+        smaller = halve_micro_batch(self.config.batch_size, self.config.gradient_accumulation_steps)
+        if fallback is not None:
+            self._back_off(fallback)
+        elif self.config.oom_retry and smaller is not None:
+            self._retry_smaller(*smaller)
+        else:
+            raise TrainingFailed(_oom_message(self.config, self.placement.backend, smaller), code="out_of_memory")
+        if self._train_catching_out_of_memory() is not None:
+            raise TrainingFailed(_oom_message(self.config, self.placement.backend, None), code="out_of_memory")
+
+    def _train_catching_out_of_memory(self) -> str | None:
+        """``_train_once``; a CUDA out-of-memory error comes back as its message (its traceback dropped), any
+        other error propagates."""
         try:
             self._train_once()
         except Exception as exc:  # noqa: BLE001 - only CUDA OOM is handled, everything else re-raised
             if not is_out_of_memory(exc):
                 raise
-            smaller = halve_micro_batch(self.config.batch_size, self.config.gradient_accumulation_steps)
-            if not self.config.oom_retry or smaller is None:
-                raise TrainingFailed(_oom_message(self.config, self.placement.backend, smaller),
-                                     code="out_of_memory") from exc
-            self._retry_smaller(*smaller)
-            try:
-                self._train_once()
-            except Exception as again:  # noqa: BLE001
-                if is_out_of_memory(again):
-                    raise TrainingFailed(_oom_message(self.config, self.placement.backend, None),
-                                         code="out_of_memory") from again
-                raise
+            message = str(exc)
+            exc.__traceback__ = None
+            log_event(log, "train.out_of_memory", job_id=self.context.job_id, error=message[:300])
+            return message
+        return None
 
-    def _retry_smaller(self, batch_size: int, gradient_accumulation_steps: int) -> None:
-        """Free the failed run, then rebuild it with the same effective batch from the newest checkpoint."""
-        import gc
+    def _back_off(self, fallback: ThroughputPlan) -> None:
+        """The plan's estimate was wrong for this GPU: rebuild the model and trainer with the next candidate."""
+        self.context.event(f"CUDA out of memory with {self.plan.chosen.describe(fallback.num_layers)}: backing off "
+                           f"once to {fallback.describe()}", level="warn")
+        self.trainer = self.model = None
+        release_gpu_memory()
+        self.plan = fallback
+        self.config = self._apply_plan(self.config, fallback)
+        self.model = self._setup_model(self.config, self.placement, self.base_model_dir, self.base,
+                                       pad_token_id=self.tokenizer.pad_token_id)
+        self._restart_trainer()
 
-        import torch
-
-        self.context.event(f"CUDA out of memory at batch_size {self.config.batch_size}: retrying once with "
-                           f"batch_size {batch_size} and gradient_accumulation_steps {gradient_accumulation_steps}",
-                           level="warn")
-        self.trainer = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        smaller = {**stored_training_config(self.config), "batch_size": batch_size,
-                   "gradient_accumulation_steps": gradient_accumulation_steps}
-        self.config = self._setup_config(smaller, n_train=len(self.train_rows),
-                                         n_validation=len(self.dataset.validation.rows), base=self.base)
+    def _restart_trainer(self) -> None:
+        """A new Trainer over ``self.model`` and ``self.config``, resuming from the newest published checkpoint."""
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.output_dir.mkdir(parents=True)
         self.resume_dir = self.load_checkpoint()
         self.trainer = self._setup_trainer(self.config, self.placement, self.model, self.tokenizer, self.train_rows,
                                            self.dataset.validation.rows, self.observers)
+
+    def _first_step_done(self) -> None:
+        self.phases.mark("first step")
+        self.context.event(self.phases.summary())
+
+    def _check_memory(self, step: int) -> None:
+        """The measured peak of the first steps against the estimate the run was sized with."""
+        if self.placement.device != "cuda":
+            return
+        import torch
+
+        self.measured_peak = float(torch.cuda.max_memory_allocated())
+        estimate = self.memory_estimate.total
+        self.context.event(f"Memory check at step {step}: peak {self.measured_peak / GIB:.2f} GiB of GPU memory "
+                           f"allocated, estimated {estimate / GIB:.2f} GiB "
+                           f"({estimate / max(self.measured_peak, 1.0):.2f}× the peak)")
+
+    def _retry_smaller(self, batch_size: int, gradient_accumulation_steps: int) -> None:
+        """Free the failed run, then rebuild it with the same effective batch from the newest checkpoint."""
+        self.context.event(f"CUDA out of memory at batch_size {self.config.batch_size}: retrying once with "
+                           f"batch_size {batch_size} and gradient_accumulation_steps {gradient_accumulation_steps}",
+                           level="warn")
+        self.trainer = None
+        release_gpu_memory()
+        smaller = {**stored_training_config(self.config), "batch_size": batch_size,
+                   "gradient_accumulation_steps": gradient_accumulation_steps}
+        self.config = self._setup_config(smaller, n_train=len(self.train_rows),
+                                         n_validation=len(self.dataset.validation.rows), base=self.base)
+        self._restart_trainer()
 
     def _train_once(self) -> None:
         config, placement = self.config, self.placement
@@ -426,7 +548,7 @@ class LoRAFinetuneRecipe:
             dataset={"train": self.dataset.train.summary(), "validation": self.dataset.validation.summary()},
             log_history=state.log_history, global_step=state.global_step, max_steps=state.max_steps,
             trained_tokens=int(state.num_input_tokens_seen), wall_seconds=time.monotonic() - self.started,
-            resumed_from=self.resumed_from, hardware=describe_hardware())
+            resumed_from=self.resumed_from, hardware=describe_hardware(), speed=self._speed_facts())
         files = build_report(facts, self.observers.files.read_bytes(TRAINING_METRICS_FILE),
                              self.observers.files.read_bytes(HARDWARE_METRICS_FILE))
         prefix = f"{job_prefix(self.context.tenant_id, self.context.job_id)}/report"
@@ -439,10 +561,41 @@ class LoRAFinetuneRecipe:
                                              size=info.size, sha256=info.sha256).id for name, info in published]
         self.context.record_result_files(file_ids)
 
+    def _speed_facts(self) -> list[tuple[str, str]]:
+        """The report's "Speed and memory" rows: the plan, the estimate against the measured peak, the kernels."""
+        rows = []
+        if self.plan is not None:
+            rows.append(("throughput plan (speed auto)", self.plan.describe()))
+            rows += [("note", note) for note in self.plan.notes]
+        estimate = self.memory_estimate
+        rows.append(("memory estimate", f"{estimate.total / GIB:.2f} GiB ({estimate.describe()})"))
+        if self.measured_peak is not None:
+            ratio = estimate.total / self.measured_peak
+            rows.append(("measured peak (first steps)",
+                         f"{self.measured_peak / GIB:.2f} GiB allocated (the estimate was {ratio:.2f}× the peak)"))
+        kernels = self.kernels
+        rows.append(("fused kernels", kernels.reason if kernels.enabled else f"no: {kernels.reason}"))
+        if self.phases.marks and self.phases.marks[-1][0] == "first step":
+            rows.append(("start-up", self.phases.summary()))
+        return rows
+
     def cleanup(self) -> None:
         if self.observers is not None:
             self.observers.close()  # a last hardware sample (memory at a crash) and the metrics files' final upload
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.trainer = self.model = None
+        release_gpu_memory()
+
+
+def release_gpu_memory() -> None:
+    """Hand a finished run's cached GPU blocks back, so the worker's next job (and its plan) sees them free."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # a job that never imported torch has nothing to release
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # the settings a resolved config leaves to the worker ----------------------------------------------------------
@@ -454,6 +607,15 @@ def lora_targets(config: TrainingConfig, family: ChatFamily) -> tuple[str, ...]:
     if chosen is None or isinstance(chosen, str):  # None or "all-linear"
         return tuple(family.target_modules)
     return tuple(chosen)
+
+
+def checkpoint_mode(config: TrainingConfig, backend: str) -> Checkpointing:
+    """The plan's name for what ``config`` asks of activation checkpointing on ``backend`` (a CUDA run)."""
+    if config.gradient_checkpointing is False:
+        return "none"
+    if backend == "unsloth" or config.gradient_checkpointing == "unsloth":
+        return "offloaded"
+    return "selective" if config.checkpoint_layers is not None else "full"
 
 
 def _gradient_checkpointing(config: TrainingConfig, device: str) -> bool:

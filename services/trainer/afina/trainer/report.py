@@ -90,6 +90,8 @@ class RunFacts:
     backend: str | None = None
     manifest: DatasetManifest | None = None  # the prepared dataset's manifest (ingest counts and issues)
     hardware: dict[str, Any] = field(default_factory=dict)  # monitor.describe_hardware()
+    # how the run was sized and started (throughput plan, estimate vs measured peak, kernels, start-up), in order
+    speed: list[tuple[str, str]] = field(default_factory=list)
     finished_at: float = field(default_factory=time.time)
 
 
@@ -131,6 +133,8 @@ def report_sections(facts: RunFacts, records: list[dict[str, Any]], training: li
         ("Summary", [("table", ("run", ""), _summary_rows(facts, train, training, hardware))]),
         ("Results", [("table", ("metric", "final", "best"), _result_rows(train, valid, training))]),
     ]
+    if facts.speed:
+        sections.append(("Speed and memory", [("table", ("", ""), list(facts.speed))]))
     if chart_files:
         sections.append(("Charts", [("images", [(CHART_TITLES[name], name) for name in chart_files])]))
     sections.append(("Configuration", [("table", ("hyperparameter", "value"),

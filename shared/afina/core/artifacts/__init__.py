@@ -11,6 +11,9 @@ One module per contract, one writer per manifest, every reader through these mod
   what the gateway serves.
 - ``export_options``: ``ExportOptions``, what a job or a re-export asks the exporter for (variants, the
   served one, Ollama, the Hub); ``publish``: what the registry row records of each publication.
+- ``evaluation``: ``ModelEvaluation`` (one model's figures, written as it finishes: the resume point),
+  ``EvaluationManifest`` (``evaluation.json``, written last by the evaluator) and ``QualityGate`` (the
+  verdict the models row keeps, shown by ``/v1/models/{id}`` and enforced by serving when asked).
 
 Each manifest carries ``schema_version``; a reader upgrades an older one in ``_upgrade`` and refuses
 a newer one with a message, so a rolling upgrade never misreads a file.
@@ -18,13 +21,15 @@ a newer one with a message, so a rolling upgrade never misreads a file.
 
 from afina.core.artifacts.adapter import ADAPTER_MARKER, AdapterManifest, LoraSettings
 from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, DatasetSource, SplitFile
+from afina.core.artifacts.evaluation import EVALUATION_MANIFEST, EvaluationManifest, ModelEvaluation, QualityGate
 from afina.core.artifacts.export import EXPORT_MANIFEST, ExportManifest, ServedArtifacts
 from afina.core.artifacts.export_options import ExportOptions, HubTarget, OllamaTarget
 from afina.core.artifacts.manifest import FileEntry, Manifest, ManifestInvalid
 from afina.core.artifacts.publish import HubPublication, OllamaRegistration
 
 __all__ = [
-    "ADAPTER_MARKER", "DATASET_MANIFEST", "EXPORT_MANIFEST", "AdapterManifest", "DatasetManifest", "DatasetSource",
-    "ExportManifest", "ExportOptions", "FileEntry", "HubPublication", "HubTarget", "LoraSettings", "Manifest",
-    "ManifestInvalid", "OllamaRegistration", "OllamaTarget", "ServedArtifacts", "SplitFile",
+    "ADAPTER_MARKER", "DATASET_MANIFEST", "EVALUATION_MANIFEST", "EXPORT_MANIFEST", "AdapterManifest",
+    "DatasetManifest", "DatasetSource", "EvaluationManifest", "ExportManifest", "ExportOptions", "FileEntry",
+    "HubPublication", "HubTarget", "LoraSettings", "Manifest", "ManifestInvalid", "ModelEvaluation",
+    "OllamaRegistration", "OllamaTarget", "QualityGate", "ServedArtifacts", "SplitFile",
 ]

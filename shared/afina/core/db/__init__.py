@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from afina.core.db.generation import install_generation_triggers
 from afina.core.db.session import Database
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -33,3 +34,5 @@ def migrate(database: Database) -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(7311)"))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+        # again on every start: a migration that rebuilt one of the tables (SQLite) dropped its triggers
+        install_generation_triggers(connection)

@@ -149,6 +149,8 @@ class Model(Base):
     # afina.core.artifacts.publish records: where the model was published outside afina, and how that went
     ollama: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     hub: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # afina.core.artifacts.evaluation.QualityGate: the evaluation's verdict (None until the model is evaluated)
+    quality_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Route(Base):
@@ -161,6 +163,16 @@ class Route(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # RouteSpec.to_row()
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class RegistryGeneration(Base):
+    """One row whose ``value`` every write to api_keys, models or routes moves (triggers, migration 0009), so a
+    gateway holding those rows in memory knows from one cheap read whether they are still current."""
+
+    __tablename__ = "registry_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 class CapturedExchange(Base):

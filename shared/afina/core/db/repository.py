@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from afina.core import ids
@@ -31,6 +31,9 @@ from afina.core.keys import ALL_SCOPES, KeyGrant, Scope, check_scopes
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"validating_files", "queued", "running"})
 API_KEY_PREFIX = "afk-"
+# an unknown, revoked and expired key get the same answer: a caller learns nothing about which keys exist
+INCORRECT_KEY = "incorrect API key provided"
+MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
 
 
 # tenants and keys -----------------------------------------------------------
@@ -156,13 +159,22 @@ def authenticate_key(session: Session, api_key: str | None) -> KeyGrant:
     An unknown, revoked and expired key get the same answer: a caller learns nothing about which keys exist.
     """
     if not api_key:
-        raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
+        raise AuthenticationFailed(MISSING_KEY)
     row = session.get(ApiKey, hash_api_key(api_key))
-    if row is None or row.revoked or row.revoked_at is not None \
-            or (row.expires_at is not None and row.expires_at <= time.time()):
-        raise AuthenticationFailed("incorrect API key provided")
-    return KeyGrant(tenant_id=row.tenant_id, prefix=row.prefix, scopes=_scopes(row),
-                    requests_per_minute=row.requests_per_minute, tokens_per_minute=row.tokens_per_minute)
+    if row is None or row.revoked or row.revoked_at is not None:
+        raise AuthenticationFailed(INCORRECT_KEY)
+    grant = KeyGrant(tenant_id=row.tenant_id, prefix=row.prefix, scopes=_scopes(row),
+                     requests_per_minute=row.requests_per_minute, tokens_per_minute=row.tokens_per_minute,
+                     expires_at=row.expires_at)
+    if grant.expired(time.time()):
+        raise AuthenticationFailed(INCORRECT_KEY)
+    return grant
+
+
+def registry_generation(session: Session) -> int:
+    """The counter every committed write to api_keys, models or routes moves (migration 0009's triggers): an
+    in-memory copy of those rows read at one value is current while the counter still reads the same."""
+    return int(session.execute(text("SELECT value FROM registry_generation WHERE id = 1")).scalar_one())
 
 
 def authenticate(session: Session, api_key: str | None) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 QUEUE_INGEST = "ingest"
 QUEUE_TRAIN = "train"
 QUEUE_EXPORT = "export"
+QUEUE_EVALUATE = "evaluate"
 
 TASK_PREPARE_DATASET = "afina.ingest.prepare_dataset"
 TASK_TRAIN = "afina.trainer.train"
 TASK_EXPORT = "afina.exporter.export"
+TASK_EVALUATE = "afina.evaluator.evaluate"
 TASK_INGEST_FILE = "afina.ingest.ingest_file"  # an uploaded fine-tune file, before any job uses it
 
 # which task and queue carry a job in each stage (used to enqueue and to recover)
@@ -16,6 +18,7 @@ STAGE_TASKS: dict[str, tuple[str, str]] = {
     "ingest": (TASK_PREPARE_DATASET, QUEUE_INGEST),
     "train": (TASK_TRAIN, QUEUE_TRAIN),
     "export": (TASK_EXPORT, QUEUE_EXPORT),
+    "evaluate": (TASK_EVALUATE, QUEUE_EVALUATE),
 }
 
 # the Python module holding each service's task bodies (a worker imports only its own)
@@ -23,6 +26,8 @@ SERVICE_TASK_MODULES: dict[str, str] = {
     "ingest": "afina.ingest.tasks",
     "trainer": "afina.trainer.tasks",
     "exporter": "afina.exporter.tasks",
+    "evaluator": "afina.evaluator.tasks",
 }
 
-SERVICE_QUEUES: dict[str, str] = {"ingest": QUEUE_INGEST, "trainer": QUEUE_TRAIN, "exporter": QUEUE_EXPORT}
+SERVICE_QUEUES: dict[str, str] = {"ingest": QUEUE_INGEST, "trainer": QUEUE_TRAIN, "exporter": QUEUE_EXPORT,
+                                  "evaluator": QUEUE_EVALUATE}

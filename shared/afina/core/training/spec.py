@@ -220,6 +220,13 @@ class TrainingSpec(BaseModel):
     gradient_checkpointing: GradientCheckpointing = Field(
         AUTO, description="auto: on for CUDA, off for CPU; unsloth: Unsloth's offloaded checkpointing")
     backend: Backend = Field(AUTO, description="auto: unsloth when CUDA and the package are there, else hf")
+    speed: Literal["auto", "off"] = Field(
+        AUTO, description="auto: on a GPU, choose the micro-batch split of the effective batch and the activation "
+                          "checkpointing from the memory this GPU has, back off once on out-of-memory, and use "
+                          "fused kernels where they apply; explicit settings always win. off: run as configured")
+    checkpoint_layers: PositiveInt | None = Field(
+        None, description="with gradient_checkpointing on (hf backend): how many decoder layers checkpoint their "
+                          "activations, the rest keep them (selective checkpointing); null: every layer")
     oom_retry: StrictBool = Field(
         False, description="after a CUDA out-of-memory error, retry once with half the micro-batch and twice "
                            "the accumulation (same effective batch)")
@@ -249,6 +256,11 @@ class TrainingSpec(BaseModel):
             raise PydanticCustomError("afina_field", "'unsloth' gradient checkpointing needs the unsloth backend: "
                                       "set backend to auto or unsloth, or gradient_checkpointing to true",
                                       {"field": "gradient_checkpointing"})
+        if self.checkpoint_layers is not None and (self.backend == "unsloth" or self.gradient_checkpointing is False
+                                                   or self.gradient_checkpointing == "unsloth"):
+            raise PydanticCustomError("afina_field", "checkpoint_layers selects the layers that checkpoint their "
+                                      "activations with the hf backend: it needs gradient_checkpointing true or auto "
+                                      "and backend hf or auto", {"field": "checkpoint_layers"})
         return self
 
     def requested(self) -> dict[str, Any]:

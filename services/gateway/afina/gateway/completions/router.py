@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from afina.gateway.chat.service import sse
 from afina.gateway.completions import service
@@ -24,11 +25,12 @@ COMPLETION = {200: {"model": Completion, "description": "The completion, or with
 
 @router.post("/completions", response_model=None, responses={**COMPLETION, **error_responses(404, 429, 502, 504)})
 async def create_completion(body: CompletionRequest, caller: CallerDep, dispatcher: DispatcherDep,
-                            end_user: EndUserDep) -> JSONResponse | StreamingResponse:
+                            end_user: EndUserDep) -> Response:
     plan = await dispatcher.plan(caller.tenant_id, body.model, end_user or body.user)
     if not body.stream:
         completion, answered = await service.complete(dispatcher, caller, plan, body)
-        return JSONResponse(completion.model_dump(mode="json"), headers=target_headers(answered))
+        return Response(orjson.dumps(completion.model_dump(mode="json")), media_type="application/json",
+                        headers=target_headers(answered))
     answered, chunks = await service.stream(dispatcher, caller, plan, body)
     return StreamingResponse(sse(chunks), media_type="text/event-stream",
                              headers={**SSE_HEADERS, **target_headers(answered)})

@@ -11,7 +11,7 @@ from afina.core.errors import InvalidRequest
 from afina.core.keys import KeyGrant
 from afina.gateway.chat.protocol import Usage
 from afina.gateway.chat.service import nth_choice
-from afina.gateway.completions.protocol import Completion, CompletionChoice, CompletionRequest
+from afina.gateway.completions.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from afina.gateway.inference.base import Generation, GenerationRequest, Sampling, ServedModel, TextDelta
 from afina.gateway.serving.defaults import with_route_options
 from afina.gateway.serving.dispatch import Answered, Dispatcher
@@ -19,25 +19,34 @@ from afina.gateway.serving.resolve import Plan
 
 
 def check_supported(request: CompletionRequest) -> None:
-    """What afina does not do yet is refused by name, never ignored into a different answer."""
-    for param, unsupported in (("echo", request.echo), ("logprobs", request.logprobs is not None),
-                               ("suffix", request.suffix is not None), ("best_of", (request.best_of or 1) > 1)):
+    """What afina does not do yet is refused by name, never ignored into a different answer. Whether a model
+    can report token log probabilities is its backend's to say (``refuse_token_level``)."""
+    for param, unsupported in (("suffix", request.suffix is not None), ("best_of", (request.best_of or 1) > 1)):
         if unsupported:
             raise InvalidRequest(f"'{param}' is not supported by afina's completions", param=param)
+    if request.stream and (request.echo or request.logprobs is not None):
+        param = "logprobs" if request.logprobs is not None else "echo"
+        raise InvalidRequest(f"'{param}' is answered whole, not streamed: send it without 'stream'", param=param)
 
 
-def prompts(request: CompletionRequest) -> list[str]:
-    return [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+def prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """Each prompt of the request: a text, or token ids."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)
 
 
-def generation_request(request: CompletionRequest, plan: Plan, prompt: str, model: ServedModel) -> GenerationRequest:
+def generation_request(request: CompletionRequest, plan: Plan, prompt: str | list[int],
+                       model: ServedModel) -> GenerationRequest:
     stop = request.stop
     sampling = Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                         min_p=request.min_p, max_tokens=request.max_tokens, seed=request.seed,
                         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
                         repeat_penalty=request.repeat_penalty, presence_penalty=request.presence_penalty,
                         frequency_penalty=request.frequency_penalty)
-    return GenerationRequest(model=model, prompt=prompt, sampling=with_route_options(plan, sampling))
+    return GenerationRequest(model=model, prompt=prompt, sampling=with_route_options(plan, sampling),
+                             logprobs=request.logprobs, echo=request.echo)
 
 
 def _requests(request: CompletionRequest, plan: Plan) -> list[tuple[int, Any]]:
@@ -45,7 +54,7 @@ def _requests(request: CompletionRequest, plan: Plan) -> list[tuple[int, Any]]:
     built = []
     for prompt_index, prompt in enumerate(prompts(request)):
         for choice in range(request.n):
-            def build(model: ServedModel, prompt: str = prompt, choice: int = choice) -> GenerationRequest:
+            def build(model: ServedModel, prompt: str | list[int] = prompt, choice: int = choice) -> GenerationRequest:
                 return nth_choice(generation_request(request, plan, prompt, model), choice)
             built.append((prompt_index * request.n + choice, build))
     return built
@@ -62,7 +71,11 @@ async def complete(dispatcher: Dispatcher, caller: KeyGrant, plan: Plan,
         generation, answered = await dispatcher.generate(caller, pinned, build)
         prompt_tokens += generation.prompt_tokens if index % request.n == 0 else 0
         completion_tokens += generation.completion_tokens
-        choices.append(CompletionChoice(text=generation.text, index=index, finish_reason=generation.finish_reason))
+        logprobs = generation.logprobs
+        choices.append(CompletionChoice(text=generation.text, index=index, finish_reason=generation.finish_reason,
+                                        logprobs=None if logprobs is None else CompletionLogprobs(
+                                            tokens=logprobs.tokens, token_logprobs=logprobs.token_logprobs,
+                                            top_logprobs=logprobs.top_logprobs, text_offset=logprobs.text_offset)))
     assert answered is not None
     return Completion(id=f"cmpl-{answered.exchange_id}", created=int(time.time()), model=plan.requested,
                       choices=choices, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,

@@ -79,19 +79,86 @@ class OutputFormat:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: a chat (``messages``) or a raw prompt the model continues as is (``prompt``)."""
+    """One generation: a chat (``messages``) or a raw prompt the model continues as is (``prompt``: text, or
+    token ids of the model's own vocabulary, as evaluation harnesses send them so that their token counts
+    match the model's).
+
+    ``logprobs`` asks for each answered token's log probability and that many of the likeliest alternatives
+    (0: the token's own only); ``echo`` puts the prompt in front of the answer, its tokens scored too, which
+    with ``max_tokens`` 0 scores a text without generating (what evaluation harnesses call log-likelihood).
+    Both are for raw prompts; a backend that cannot report them refuses (``refuse_token_level``).
+    """
 
     model: ServedModel
     messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
+    prompt: str | list[int] | None = None
     sampling: Sampling = field(default_factory=Sampling)
     output_format: OutputFormat | None = None
     num_ctx: int | None = None  # a context length other than the backend's default (Ollama's num_ctx)
     keep_alive_s: float | None = None  # how long the model stays loaded after this call (None: the default)
+    logprobs: int | None = None
+    echo: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a GenerationRequest has messages or a prompt, not both")
+        if self.messages is not None and (self.logprobs is not None or self.echo):
+            raise ValueError("logprobs and echo are for raw prompts")
+
+    @property
+    def scored(self) -> bool:
+        """Whether the answer must carry token log probabilities or the echoed prompt."""
+        return self.logprobs is not None or self.echo
+
+    @property
+    def token_level(self) -> str | None:
+        """The parameter asking for what works on the model's tokens (their log probabilities, the echoed
+        prompt, a prompt given as token ids), or None."""
+        if self.logprobs is not None:
+            return "logprobs"
+        if self.echo:
+            return "echo"
+        return "prompt" if isinstance(self.prompt, list) else None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Token log probabilities as OpenAI's legacy completions give them: per token its text, its log probability
+    (None for the first token of a text, which nothing precedes), the likeliest alternatives at that position
+    (text to log probability, the token itself included) and where the token starts in the answer's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    def __add__(self, other: TokenLogprobs) -> TokenLogprobs:
+        return TokenLogprobs(tokens=self.tokens + other.tokens,
+                             token_logprobs=self.token_logprobs + other.token_logprobs,
+                             top_logprobs=self.top_logprobs + other.top_logprobs,
+                             text_offset=self.text_offset + other.text_offset)
+
+    @classmethod
+    def from_openai(cls, value: Any) -> TokenLogprobs | None:
+        """A choice's ``logprobs`` as an OpenAI-compatible server sent it (None when it sent none)."""
+        if not isinstance(value, dict) or not isinstance(value.get("tokens"), list):
+            return None
+        tokens = [str(token) for token in value["tokens"]]
+        count = len(tokens)
+        return cls(tokens=tokens, token_logprobs=list(value.get("token_logprobs") or [None] * count),
+                   top_logprobs=list(value.get("top_logprobs") or [None] * count),
+                   text_offset=list(value.get("text_offset") or [0] * count))
+
+
+def refuse_token_level(request: GenerationRequest) -> None:
+    """For a backend that cannot work at the level of the model's tokens (``GenerationRequest.token_level``):
+    a 400 naming the parameter, never an answer silently without what was asked."""
+    param = request.token_level
+    if param is not None:
+        what = "token ids as a prompt" if param == "prompt" else f"'{param}'"
+        raise InvalidRequest(f"{what} is not available for this model: the server it runs on does not work with "
+                             "its tokens. Models afina runs itself (llama.cpp in process) and "
+                             "OpenAI-compatible upstreams do.", param=param)
 
 
 @dataclass(frozen=True)
@@ -112,6 +179,7 @@ class Generation:
     load_ns: int = 0  # loading the model for this call (0 when it was loaded)
     prompt_eval_ns: int = 0
     eval_ns: int = 0
+    logprobs: TokenLogprobs | None = None  # when the request asked (``GenerationRequest.logprobs``)
 
 
 @dataclass

@@ -3,8 +3,9 @@
 A llama.cpp context is not thread-safe, so each loaded model has one lock and every
 call into it runs in a worker thread while holding that lock; a stream holds it
 from the first token to the last. Which models stay loaded, and for how long, is the
-``LoadedPool``'s book (``pool.py``). A model is loaded once per context length and once
-more for embeddings (llama.cpp embeds only with a context made for it).
+``LoadedPool``'s book (``pool.py``). A model is loaded once per context length, once
+more for embeddings (llama.cpp embeds only with a context made for it) and once more for
+token log probabilities (a context keeping every position's logits: ``scoring.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from afina.core.catalog.template_refusal import first_refused_message, template_
 from afina.core.errors import InferenceUnavailable, InvalidRequest
 from afina.core.logging import log_event
 from afina.core.settings import Settings
+from afina.gateway.inference import scoring
 from afina.gateway.inference.base import (
     Embeddings,
     Generation,
@@ -30,6 +32,7 @@ from afina.gateway.inference.base import (
     LoadedModel,
     ServedModel,
     TextDelta,
+    TokenLogprobs,
     input_too_long,
 )
 from afina.gateway.inference.grammar import grammar_for
@@ -86,7 +89,7 @@ class InProcessBackend:
 
         if self._llama_class is None:
             self._llama_class = _metered_llama_class()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"logits_all": True} if slot.logits_all else {}
         if slot.embedding:
             import llama_cpp
 
@@ -106,8 +109,9 @@ class InProcessBackend:
     async def _close(context: _Context) -> None:
         await to_thread.run_sync(context.llm.close)
 
-    def _slot(self, model: ServedModel, num_ctx: int | None, *, embedding: bool = False) -> Slot:
-        return Slot.of(model, num_ctx, self.settings.inference_n_ctx, embedding=embedding)
+    def _slot(self, model: ServedModel, num_ctx: int | None, *, embedding: bool = False,
+              logits_all: bool = False) -> Slot:
+        return Slot.of(model, num_ctx, self.settings.inference_n_ctx, embedding=embedding, logits_all=logits_all)
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -122,19 +126,27 @@ class InProcessBackend:
             options["grammar"] = grammar
         if request.messages is not None:
             return {"messages": request.messages, **options}
+        if request.logprobs is not None:
+            options["logprobs"] = request.logprobs
+        if request.echo:
+            options["echo"] = True
         return {"prompt": request.prompt, **options}
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        slot = self._slot(request.model, request.num_ctx)
+        scored = request.scored or (request.prompt is not None and request.sampling.max_tokens == 0)
+        slot = self._slot(request.model, request.num_ctx, logits_all=request.logprobs is not None)
         entry, load_ns = await self._pool.acquire(slot, request.model)
         loaded = entry.handle
         try:
             async with loaded.lock:
                 started = time.perf_counter_ns()
-                result = await to_thread.run_sync(_call, loaded.llm, self._call_kwargs(request))
+                call = _scored_call if scored else _call
+                result = await to_thread.run_sync(call, loaded.llm, self._call_kwargs(request))
                 elapsed = time.perf_counter_ns() - started
         finally:
             await self._pool.release(slot, entry, request.keep_alive_s)
+        if scored:
+            return replace(result, load_ns=load_ns, eval_ns=elapsed)
         choice = result["choices"][0]
         text = choice["message"]["content"] if "message" in choice else choice["text"]
         usage = result.get("usage") or {}
@@ -144,6 +156,9 @@ class InProcessBackend:
                           completion_tokens=int(usage.get("completion_tokens", 0)), load_ns=load_ns, **timings)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
+        if request.scored:
+            raise InvalidRequest("'logprobs' and 'echo' are answered whole, not streamed: send them without "
+                                 "'stream'", param="stream")
         slot = self._slot(request.model, request.num_ctx)
         entry, load_ns = await self._pool.acquire(slot, request.model)
         loaded = entry.handle
@@ -229,12 +244,58 @@ def _call(llm: Any, kwargs: dict[str, Any]) -> Any:
 
     if kwargs.get("seed") is not None:
         llm.reset()
+    if isinstance(kwargs.get("prompt"), list):
+        _checked_tokens(llm, kwargs["prompt"])
     try:
         if "messages" in kwargs:
             return llm.create_chat_completion(**kwargs)
         return llm.create_completion(**kwargs)
     except (ValueError, TypeError, TemplateError) as exc:
         raise _translate(exc, llm, kwargs.get("messages")) from None
+
+
+def _scored_call(llm: Any, kwargs: dict[str, Any]) -> Generation:
+    """A text completion with token log probabilities and/or the prompt echoed in front of the answer;
+    ``max_tokens`` 0 scores the prompt without generating (for llama-cpp-python it would mean "no limit").
+    A prompt of token ids is scored as given, every id listed; a text prompt as llama.cpp tokenizes it."""
+    options = dict(kwargs)
+    prompt: str | list[int] = options.pop("prompt")
+    top: int | None = options.pop("logprobs", None)
+    echo: bool = options.pop("echo", False)
+    if isinstance(prompt, list):
+        tokens = _checked_tokens(llm, prompt)
+        prompt_text = llm.detokenize(tokens).decode("utf-8", errors="ignore")
+    else:
+        tokens, prompt_text = scoring.prompt_tokens(llm, prompt), prompt
+    if len(tokens) > llm.n_ctx():
+        raise InvalidRequest(f"This model's context window is {llm.n_ctx()} tokens; the prompt has {len(tokens)}.",
+                             param="prompt", code="context_length_exceeded")
+    scored = None
+    if echo and top is not None:
+        scored = scoring.score_prompt(llm, tokens, top, listed_bos=isinstance(prompt, list))
+    if options.get("max_tokens") == 0:
+        text, finish_reason, completion_tokens = "", "length", 0
+        answer = TokenLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    else:
+        result = _call(llm, {"prompt": prompt, **options, **({"logprobs": top} if top is not None else {})})
+        choice = result["choices"][0]
+        text, finish_reason = choice["text"] or "", choice.get("finish_reason")
+        completion_tokens = int((result.get("usage") or {}).get("completion_tokens", 0))
+        # llama-cpp-python counts the answer's offsets from len(prompt): characters, or ids for a token prompt
+        answer = scoring.completion_logprobs(choice, shift=len(prompt_text) - len(prompt))
+    logprobs = None if top is None else (scored + answer if scored is not None else answer)
+    return Generation(text=prompt_text + text if echo else text, finish_reason=_finish(finish_reason),
+                      prompt_tokens=len(tokens), completion_tokens=completion_tokens, logprobs=logprobs)
+
+
+def _checked_tokens(llm: Any, tokens: list[int]) -> list[int]:
+    """Token ids the model has (llama.cpp would fail on any other, or worse)."""
+    vocabulary = llm.n_vocab()
+    unknown = next((token for token in tokens if not 0 <= token < vocabulary), None)
+    if unknown is not None:
+        raise InvalidRequest(f"the prompt holds the token id {unknown}; this model's token ids are 0 to "
+                             f"{vocabulary - 1}", param="prompt")
+    return tokens
 
 
 def _next(chunks: Any) -> Any:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
-import httpx
 from anyio import to_thread
 
 from afina.core.errors import AfinaError, InferenceUnavailable
@@ -46,6 +45,7 @@ from afina.gateway.inference.base import (
     TextDelta,
     UpstreamError,
     input_too_long,
+    refuse_token_level,
 )
 from afina.gateway.inference.grammar import grammar_for
 from afina.gateway.inference.openai_upstream import OpenAIUpstream
@@ -224,6 +224,7 @@ class LlamaServerBackend:
     # --- generation ------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> Generation:
+        refuse_token_level(request)  # its servers run without logits for every token (logits_all)
         grammar_for(request.output_format)  # a schema llama.cpp cannot use is the caller's 400, not a server's 500
         slot = self._slot(request.model, request.num_ctx)
         entry, load_ns = await self._pool.acquire(slot, request.model)
@@ -242,6 +243,7 @@ class LlamaServerBackend:
         usage in a stream; the streamed call then reuses the evaluated prompt, as llama.cpp keeps the common
         prefix) and refuses a prompt longer than the context with a 400 (in a stream the server would
         answer 200 and then nothing)."""
+        refuse_token_level(request)
         grammar_for(request.output_format)
         slot = self._slot(request.model, request.num_ctx)
         entry, load_ns = await self._pool.acquire(slot, request.model)
@@ -291,11 +293,10 @@ class LlamaServerBackend:
         """An ``InvalidRequest`` when ``text`` is longer than the context, counted by the server's tokenizer
         (the server would truncate it silently)."""
         try:
-            response = await server.upstream.client.post(f"{server.base_url}/extras/tokenize", json={"input": text})
-            response.raise_for_status()
-            tokens = len(response.json().get("tokens") or [])
-        except (httpx.HTTPError, ValueError) as exc:
-            raise UpstreamError(f"tokenizing input {index} failed: {type(exc).__name__}") from None
+            answer = await server.upstream.post_json_to(f"{server.base_url}/extras/tokenize", {"input": text})
+            tokens = len(answer.get("tokens") or [])
+        except UpstreamError as exc:
+            raise UpstreamError(f"tokenizing input {index} failed: {exc}") from None
         if tokens > n_ctx:
             raise input_too_long(index, tokens, n_ctx)
 

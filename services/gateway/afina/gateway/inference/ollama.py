@@ -30,6 +30,7 @@ from afina.gateway.inference.base import (
     ServedModel,
     TextDelta,
     UpstreamError,
+    refuse_token_level,
     retry_after_seconds,
 )
 
@@ -62,6 +63,7 @@ class OllamaBackend:
     # --- generation ------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> Generation:
+        refuse_token_level(request)  # Ollama's API reports none
         path, body = _generation_body(request, stream=False)
         answer = await self._post_json(path, body)
         return _generation(answer, _content(answer))
@@ -69,6 +71,7 @@ class OllamaBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
         """The pieces of Ollama's NDJSON lines, then the totals of its last (``done``) line. The response is
         closed when the caller closes this early, and Ollama stops generating when its client goes away."""
+        refuse_token_level(request)
         path, body = _generation_body(request, stream=True)
         pieces: list[str] = []
         final: dict[str, Any] | None = None

@@ -2,8 +2,10 @@
 
 A request goes out as OpenAI's ``/chat/completions`` (messages) or ``/completions`` (a raw
 prompt) and the answer comes back as the gateway's ``Generation``; a stream is read as
-server-sent events until ``[DONE]``. One pooled ``httpx.AsyncClient`` per upstream carries the
-timeouts and the API key (registered with the log scrubber, so it never reaches a log line).
+server-sent events until ``[DONE]``. One pooled ``aiohttp.ClientSession`` per upstream carries the
+timeouts and the API key (registered with the log scrubber, so it never reaches a log line): aiohttp,
+not httpx, because this is the path every proxied request takes, and httpx's pool bookkeeping (it
+polls every pooled socket on each request) cost more CPU than the rest of the gateway's work together.
 
 Failures split by whose they are. The upstream's (unreachable, timed out, 5xx, 429, a key or
 model it does not know) raise ``UpstreamError``, whose text is for the operator's log and which a
@@ -20,8 +22,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 import orjson
 
 from afina.core.errors import InvalidRequest
@@ -35,11 +37,15 @@ from afina.gateway.inference.base import (
     Sampling,
     ServedModel,
     TextDelta,
+    TokenLogprobs,
     UpstreamError,
     retry_after_seconds,
 )
 
 HEALTH_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 100  # per upstream (each model's own limit is ``UpstreamConfig.max_concurrency``)
+READ_BUFFER_BYTES = 2**20  # one SSE line may be this long (a large usage or tool-call chunk)
+JSON_HEADERS = {"Content-Type": "application/json"}
 ERROR_TEXT_LIMIT = 500  # characters of an upstream's error body kept in a message
 # the ``Sampling`` fields sent, when set: OpenAI's own, and extras llama.cpp's server and vLLM take (a field added
 # to ``Sampling`` later stays home until listed here: OpenAI refuses a field it does not know)
@@ -72,18 +78,21 @@ class OpenAIUpstream:
         self.stream_usage = stream_usage
         register_secret(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
-        self._client: httpx.AsyncClient | None = None
+        # ``timeout_s`` bounds each wait for bytes (to the first byte of an answer, then between stream chunks)
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIUpstream(name={self.name!r}, base_url={self.base_url!r})"
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        """The pooled client, opened on first use (and again after ``close``)."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout, headers=self._headers)
-        return self._client
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, opened on first use (and again after ``close``)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS), timeout=self._timeout, headers=self._headers,
+                read_bufsize=READ_BUFFER_BYTES, json_serialize=lambda value: orjson.dumps(value).decode())
+        return self._session
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -95,9 +104,13 @@ class OpenAIUpstream:
         choice = _first_choice(answer, self.name)
         text = (choice.get("message") or {}).get("content") if request.messages is not None else choice.get("text")
         usage = answer.get("usage") or {}
+        logprobs = TokenLogprobs.from_openai(choice.get("logprobs")) if request.logprobs is not None else None
+        if request.logprobs is not None and logprobs is None:
+            raise UpstreamError(f"upstream {self.name}: asked for logprobs, answered none", status=502)
         return Generation(text=text or "", finish_reason=_finish(choice.get("finish_reason")),
                           prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          completion_tokens=int(usage.get("completion_tokens") or 0), eval_ns=elapsed)
+                          completion_tokens=int(usage.get("completion_tokens") or 0), eval_ns=elapsed,
+                          logprobs=logprobs)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
         """The upstream's stream as ``TextDelta`` pieces; closing this iterator closes the HTTP response at
@@ -105,25 +118,26 @@ class OpenAIUpstream:
         path, param = _endpoint(request)
         chat = request.messages is not None
         started = time.perf_counter_ns()
-        outgoing = self.client.build_request("POST", f"{self.base_url}{path}", json=self._body(request, stream=True))
         try:
-            response = await self.client.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.session.post(f"{self.base_url}{path}", data=orjson.dumps(self._body(request,
+                                                                                                     stream=True)),
+                                               headers=JSON_HEADERS)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc, path) from None
         pieces: list[str] = []
         chunks_with_text = 0
         first_token_ns: int | None = None
         finish_reason: str | None = None
         usage: dict[str, Any] = {}
+        done = False
         try:
-            if response.status_code != 200:
-                raise self._status_error(response.status_code, response.headers, await response.aread(), param)
-            done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+            if response.status != 200:
+                raise self._status_error(response.status, response.headers, await response.read(), param)
+            async for raw in response.content:
+                if not raw.startswith(b"data:"):
                     continue  # blank separators, comments, keep-alive pings
-                data = line[5:].strip()
-                if data == "[DONE]":
+                data = raw[5:].strip()
+                if data == b"[DONE]":
                     done = True
                     break
                 chunk = self._chunk(data)
@@ -142,11 +156,14 @@ class OpenAIUpstream:
                     yield TextDelta(text)
             if not done:
                 raise UpstreamError(f"upstream {self.name}: the stream of {path} ended before [DONE]")
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc, path) from None
         finally:
             with anyio.CancelScope(shield=True):
-                await response.aclose()
+                if done:
+                    await response.release()  # read to its end: the connection goes back to the pool
+                else:
+                    response.close()  # closing the connection is how the upstream learns to stop
         elapsed = time.perf_counter_ns() - started
         prompt_eval_ns = first_token_ns if first_token_ns is not None else elapsed
         yield Generation(text="".join(pieces), finish_reason=_finish(finish_reason),
@@ -160,6 +177,10 @@ class OpenAIUpstream:
             body["messages"] = request.messages
         else:
             body["prompt"] = request.prompt
+            if request.logprobs is not None:
+                body["logprobs"] = request.logprobs
+            if request.echo:
+                body["echo"] = True
         body.update(_sampling_fields(request.sampling))
         if request.output_format is not None:
             body.update(self._format_fields(request.output_format, chat=request.messages is not None))
@@ -204,50 +225,71 @@ class OpenAIUpstream:
         """Nothing to let go: the upstream holds its models."""
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def health(self) -> bool:
         """Whether the upstream answers its model list within ``HEALTH_TIMEOUT_S``."""
         try:
-            response = await self.client.get(f"{self.base_url}/models", timeout=HEALTH_TIMEOUT_S)
-        except httpx.HTTPError:
+            async with self.session.get(f"{self.base_url}/models",
+                                        timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
-        return response.status_code == 200
 
     # --- the wire --------------------------------------------------------------------------------
 
+    async def post_json_to(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A JSON POST to the same server outside its OpenAI API (llama_cpp.server's ``/extras/tokenize``), on
+        the pooled session; any failure is an ``UpstreamError``."""
+        try:
+            async with self.session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as response:
+                status, content = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc, url) from None
+        try:
+            answer = orjson.loads(content) if status == 200 else None
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise UpstreamError(f"upstream {self.name}: {url} answered {status} without a JSON object", status=502)
+        return answer
+
     async def _post_json(self, path: str, body: dict[str, Any], param: str) -> dict[str, Any]:
         try:
-            response = await self.client.post(f"{self.base_url}{path}", json=body)
-        except httpx.HTTPError as exc:
+            async with self.session.post(f"{self.base_url}{path}", data=orjson.dumps(body),
+                                         headers=JSON_HEADERS) as response:
+                status, headers, content = response.status, response.headers, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc, path) from None
-        if response.status_code != 200:
-            raise self._status_error(response.status_code, response.headers, response.content, param)
+        if status != 200:
+            raise self._status_error(status, headers, content, param)
         try:
-            answer = orjson.loads(response.content)
+            answer = orjson.loads(content)
         except orjson.JSONDecodeError:
             answer = None
         if not isinstance(answer, dict):
             raise UpstreamError(f"upstream {self.name}: {path} answered 200 with a body that is not a JSON object")
         return answer
 
-    def _chunk(self, data: str) -> dict[str, Any]:
+    def _chunk(self, data: bytes) -> dict[str, Any]:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             chunk = None
         if not isinstance(chunk, dict):
-            raise UpstreamError(f"upstream {self.name}: a stream event is not a JSON object: {redact(data[:200])}")
+            shown = redact(data[:200].decode(errors="replace"))
+            raise UpstreamError(f"upstream {self.name}: a stream event is not a JSON object: {shown}")
         if chunk.get("error"):  # an error reported mid-stream (OpenAI, vLLM)
-            raise UpstreamError(f"upstream {self.name}: error mid-stream: {_error_fields(data.encode())[0]}")
+            raise UpstreamError(f"upstream {self.name}: error mid-stream: {_error_fields(data)[0]}")
         return chunk
 
-    def _transport_error(self, exc: httpx.HTTPError, path: str) -> UpstreamError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _transport_error(self, exc: BaseException, path: str) -> UpstreamError:
+        if isinstance(exc, TimeoutError):
             return UpstreamError(f"upstream {self.name}: {path} timed out ({type(exc).__name__})", status=504)
-        return UpstreamError(f"upstream {self.name}: {path} failed: {type(exc).__name__}: {redact(str(exc))}")
+        kind = "ConnectError" if isinstance(exc, aiohttp.ClientConnectorError) else type(exc).__name__
+        return UpstreamError(f"upstream {self.name}: {path} failed: {kind}: {redact(str(exc))}")
 
     def _status_error(self, status: int, headers: Mapping[str, str], content: bytes, param: str) -> Exception:
         message, upstream_param, code = _error_fields(content)

@@ -27,17 +27,20 @@ H = TypeVar("H")
 
 @dataclass(frozen=True)
 class Slot:
-    """What one loaded thing is for: a file, a context length, generation or embeddings."""
+    """What one loaded thing is for: a file, a context length, generation (with every position's logits or
+    not) or embeddings."""
 
     path: Path
     n_ctx: int
     embedding: bool = False
+    logits_all: bool = False  # the logits of every position kept (token log probabilities; costly, so apart)
 
     @classmethod
-    def of(cls, model: ServedModel, num_ctx: int | None, default_n_ctx: int, *, embedding: bool = False) -> Slot:
+    def of(cls, model: ServedModel, num_ctx: int | None, default_n_ctx: int, *, embedding: bool = False,
+           logits_all: bool = False) -> Slot:
         if model.path is None:
             raise InferenceUnavailable(f"model {model.name} has no local model file to serve")
-        return cls(model.path, num_ctx or default_n_ctx, embedding)
+        return cls(model.path, num_ctx or default_n_ctx, embedding, logits_all)
 
 
 @dataclass

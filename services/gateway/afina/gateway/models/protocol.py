@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+
+from afina.core.artifacts.evaluation import QualityGate
+
+
+class ModelExtension(BaseModel):
+    """afina's own facts about a fine-tuned model (an extension field: OpenAI's clients keep it as extra data)."""
+
+    quality_gate: QualityGate | None = Field(None, description="the evaluation's verdict; None until evaluated")
+    blocked: bool = Field(False, description="the operator enforces the gate and it failed: the model is not "
+                                             "served")
 
 
 class ModelObject(BaseModel):
@@ -12,6 +22,14 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    afina: ModelExtension | None = Field(None, description="afina's extension, on a fine-tuned model only")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_extension(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("afina") is None:
+            data.pop("afina", None)  # OpenAI's shape exactly, where afina has nothing to add
+        return data
 
 
 class ModelList(BaseModel):

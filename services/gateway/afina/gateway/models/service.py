@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from afina.core.artifacts.evaluation import QualityGate
 from afina.core.catalog import CATALOG, BaseModelSpec, catalog_model
 from afina.core.db import repository as repo
+from afina.core.db.models import Model
 from afina.core.errors import AfinaError, NotFound
 from afina.core.runtime import Runtime
-from afina.gateway.models.protocol import ModelList, ModelObject
+from afina.gateway.models.protocol import ModelExtension, ModelList, ModelObject
 
 BASE_MODEL_OWNER = "afina"
 
@@ -42,4 +44,8 @@ def get_model(runtime: Runtime, tenant_id: str, name: str) -> ModelObject:
         row = repo.get_model(session, tenant_id, name) or repo.get_route(session, tenant_id, name)
     if row is None:
         raise NotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
-    return ModelObject(id=row.name, created=row.created_at, owned_by=row.tenant_id)
+    extension = None
+    if isinstance(row, Model):
+        gate = QualityGate.model_validate(row.quality_gate) if row.quality_gate else None
+        extension = ModelExtension(quality_gate=gate, blocked=gate is not None and gate.blocks_serving)
+    return ModelObject(id=row.name, created=row.created_at, owned_by=row.tenant_id, afina=extension)

@@ -77,7 +77,7 @@ async def _respond(dispatcher: DispatcherDep, caller: KeyGrant, plan: Any, build
 async def _load_or_unload(dispatcher: DispatcherDep, tenant: str, plan: Any, keep_alive: Any,
                           shape: dict[str, Any]) -> JSONResponse:
     """An empty prompt or chat loads the model (``done_reason: load``); with ``keep_alive: 0`` it unloads it."""
-    served = await to_thread.run_sync(dispatcher.resolver.served, tenant, plan.candidates[0])
+    served = await dispatcher.resolver.served(tenant, plan.candidates[0])
     reason = "load"
     if keep_alive_seconds(keep_alive) == 0:
         await dispatcher.backends.get(served.backend).unload(served)
@@ -136,7 +136,7 @@ def tags(runtime: RuntimeDep, tenant: TenantDep) -> dict[str, Any]:
 @router.post("/show", dependencies=INFERENCE)
 async def show(body: ModelRequest, runtime: RuntimeDep, tenant: TenantDep, dispatcher: DispatcherDep) -> dict[str, Any]:
     plan = await dispatcher.plan(tenant, body.target)
-    served = await to_thread.run_sync(dispatcher.resolver.served, tenant, plan.candidates[0])
+    served = await dispatcher.resolver.served(tenant, plan.candidates[0])
     return await to_thread.run_sync(service.show, runtime, tenant, plan.requested, served, body.verbose)
 
 

@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from anyio import to_thread
-
 from afina.core.errors import AfinaError, InferenceUnavailable, NotFound, Overloaded, UpstreamFailed, UpstreamTimeout
 from afina.core.keys import KeyGrant
 from afina.core.logging import log_event
 from afina.core.metrics import GATEWAY_FALLBACKS, GATEWAY_UPSTREAM_ERRORS, bounded_label
 from afina.core.routing import RouteTarget
 from afina.gateway.inference.base import (
+    LOCAL_BACKEND,
+    OLLAMA_BACKEND,
     Embeddings,
     Generation,
     GenerationRequest,
@@ -69,16 +69,13 @@ class Dispatcher:
         self.backends = backends
         self.limiter = limiter
         self.observers: list[Observer] = list(observers or [])
-        # an upstream that failed is skipped this long while a fallback remains (a circuit breaker: the first
-        # request after it tries the upstream again)
+        # an upstream, or a fine-tune's model in Ollama, that failed is skipped this long while a fallback remains
+        # (a circuit breaker keyed by ``breaker_key``: the first request after it tries it again)
         self.cooldown_s = cooldown_s
         self._down_until: dict[str, float] = {}
 
     async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
-        return await to_thread.run_sync(self.resolver.plan, tenant_id, name, user)
-
-    async def _served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
-        return await to_thread.run_sync(self.resolver.served, tenant_id, target)
+        return await self.resolver.plan(tenant_id, name, user)
 
     async def generate(self, caller: KeyGrant, plan: Plan, build: Builder) -> tuple[Generation, Answered]:
         started = time.perf_counter()
@@ -162,31 +159,33 @@ class Dispatcher:
         failure: BaseException | None = None
         for index, target in enumerate(plan.candidates):
             last = index == len(plan.candidates) - 1
-            if not last and self._cooling_down(target):
-                # it just failed: its fallback answers now rather than after the same timeout
-                GATEWAY_FALLBACKS.labels(route=bounded_label("route", plan.route or "-"),
-                                         failed_target=bounded_label("model", target.label)).inc()
-                continue
+            breaker: str | None = None
             try:
-                served = await self._served(tenant_id, target)
+                served = await self.resolver.served(tenant_id, target)
+                breaker = breaker_key(served)
+                if not last and self._cooling_down(breaker):
+                    # it just failed: its fallback answers now rather than after the same timeout
+                    GATEWAY_FALLBACKS.labels(route=bounded_label("route", plan.route or "-"),
+                                             failed_target=bounded_label("model", target.label)).inc()
+                    continue
                 coroutine = attempt(served, target)
                 result = await (asyncio.wait_for(coroutine, plan.timeout_s) if plan.timeout_s else coroutine)
-                if target.upstream is not None:
-                    self._down_until.pop(target.upstream, None)  # it answers again
+                if breaker is not None:
+                    self._down_until.pop(breaker, None)  # it answers again
                 return result, Answered(target=target, served=served, exchange_id=exchange_id or new_exchange_id())
             except GIVES_WAY as exc:
                 if isinstance(exc, NotFound) and plan.route is None:
                     raise  # a model the caller named directly: their 404
                 failure = exc
                 self._note_failure(plan, target, exc, last)
-                if isinstance(exc, UpstreamError | TimeoutError) and target.upstream is not None:
-                    self._down_until[target.upstream] = time.monotonic() + self.cooldown_s
+                if isinstance(exc, UpstreamError | TimeoutError) and breaker is not None:
+                    self._down_until[breaker] = time.monotonic() + self.cooldown_s
         raise _final_error(plan, failure)
 
-    def _cooling_down(self, target: RouteTarget) -> bool:
-        """Whether ``target``'s upstream failed (down, timed out, 5xx, 429) less than ``cooldown_s`` ago. A
+    def _cooling_down(self, breaker: str | None) -> bool:
+        """Whether what ``breaker`` names failed (down, timed out, 5xx, 429) less than ``cooldown_s`` ago. A
         route's only or last target is always tried: a request never fails on a guess."""
-        return target.upstream is not None and self._down_until.get(target.upstream, 0.0) > time.monotonic()
+        return breaker is not None and self._down_until.get(breaker, 0.0) > time.monotonic()
 
     def _note_failure(self, plan: Plan, target: RouteTarget, exc: BaseException, last: bool) -> None:
         status = str(getattr(exc, "status", None) or getattr(exc, "http_status", None) or
@@ -197,6 +196,18 @@ class Dispatcher:
         if not last and plan.route is not None:
             GATEWAY_FALLBACKS.labels(route=bounded_label("route", plan.route),
                                      failed_target=bounded_label("model", target.label)).inc()
+
+
+def breaker_key(served: ServedModel) -> str | None:
+    """What a failure of ``served`` puts in cooldown: an upstream as a whole (one server, named by its
+    configuration); one model of the Ollama that serves exported fine-tunes (a model that fails to load there
+    leaves the others answering); nothing for a model run here (slow here means busy: the bounded queue's
+    business, and there is no other server to turn to)."""
+    if served.backend == LOCAL_BACKEND:
+        return None
+    if served.backend == OLLAMA_BACKEND:
+        return f"{OLLAMA_BACKEND}:{served.upstream_model or served.name}"
+    return served.backend
 
 
 def _final_error(plan: Plan, failure: BaseException | None) -> BaseException:

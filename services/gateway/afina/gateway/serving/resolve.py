@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from anyio import to_thread
+
 from afina.core.artifacts import ManifestInvalid, ServedArtifacts
+from afina.core.artifacts.evaluation import refuse_blocked
 from afina.core.artifacts.publish import OllamaRegistration
 from afina.core.catalog import catalog_model
 from afina.core.catalog.gguf_metadata import gguf_metadata
-from afina.core.db import repository as repo
 from afina.core.errors import InferenceUnavailable, InvalidRequest, NotFound
 from afina.core.routing import RouteCapture, RouteOptions, RouteSpec, RouteTarget
 from afina.core.runtime import Runtime
 from afina.gateway.inference.base import LOCAL_BACKEND, OLLAMA_BACKEND, ServedModel
 from afina.gateway.inference.files import ModelFileCache
+from afina.gateway.registry.cache import RegistryCache
 
 OLLAMA_DEFAULT_TAG = ":latest"
 
@@ -91,23 +94,26 @@ def local_model(name: str, path: Path) -> ServedModel:
 
 
 class Resolver:
-    """Names to plans, and targets to served models, for one gateway (blocking: call from worker threads)."""
+    """Names to plans, and targets to served models, for one gateway. The registry's rows come from memory
+    while current (``registry.cache``); only work that may block (a GGUF's file, downloaded if missing) goes
+    to a worker thread."""
 
-    def __init__(self, runtime: Runtime, files: ModelFileCache, *, serve_from_ollama: bool) -> None:
+    def __init__(self, runtime: Runtime, files: ModelFileCache, registry: RegistryCache, *,
+                 serve_from_ollama: bool) -> None:
         self.runtime = runtime
         self.files = files
+        self.registry = registry
         self.serve_from_ollama = serve_from_ollama
 
-    def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
+    async def plan(self, tenant_id: str, name: str, user: str | None = None) -> Plan:
         for candidate in _spellings(name):
             if catalog_model(candidate) is not None:
                 return Plan(requested=name, candidates=[RouteTarget(model=candidate)])
-            with self.runtime.db.session() as session:
-                if repo.get_model(session, tenant_id, candidate) is not None:
-                    return Plan(requested=name, candidates=[RouteTarget(model=candidate)])
-                route = repo.get_route(session, tenant_id, candidate)
-                if route is not None:
-                    return plan_for_route(candidate, RouteSpec.from_row(route.spec), user)
+            entry = await self.registry.name(tenant_id, candidate)
+            if entry.model is not None:
+                return Plan(requested=name, candidates=[RouteTarget(model=candidate)])
+            if entry.route is not None:
+                return plan_for_route(candidate, entry.route, user)
         raise model_not_found(name)
 
     @staticmethod
@@ -118,7 +124,7 @@ class Resolver:
         assert spec is not None
         return spec.gguf_path()
 
-    def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
+    async def served(self, tenant_id: str, target: RouteTarget) -> ServedModel:
         """What runs ``target`` (downloading a fine-tune's GGUF into the local cache if it is served here)."""
         if target.upstream is not None:
             if target.upstream not in self.runtime.settings.upstreams:
@@ -126,25 +132,27 @@ class Resolver:
             return ServedModel(name=target.label, backend=target.upstream, upstream_model=target.model)
         spec = catalog_model(target.model)
         if spec is not None:
-            try:
-                return local_model(spec.id, self._catalog_gguf(spec.id))
-            except NotFound:  # trainable here, not servable: the caller's 404, a route's cue to fall back
-                raise NotFound(f"The base model '{spec.id}' has no weights this server can serve (fine-tunes of it "
-                               "can be served).", param="model", code="model_not_found") from None
-        with self.runtime.db.session() as session:
-            row = repo.get_model(session, tenant_id, target.model)
-            if row is None:
-                raise model_not_found(target.model)
-            name, artifacts, ollama = row.name, row.artifacts, row.ollama
-        if self.serve_from_ollama and ollama:
-            registration = OllamaRegistration.model_validate(ollama)
+            return await to_thread.run_sync(self._catalog_served, spec.id)
+        entry = (await self.registry.name(tenant_id, target.model)).model
+        if entry is None:
+            raise model_not_found(target.model)
+        refuse_blocked(entry.name, entry.quality_gate)  # a failed quality gate the operator enforces: not served
+        if self.serve_from_ollama and entry.ollama:
+            registration = OllamaRegistration.model_validate(entry.ollama)
             if registration.status == "registered":
-                return ServedModel(name=name, backend=OLLAMA_BACKEND, upstream_model=registration.name)
+                return ServedModel(name=entry.name, backend=OLLAMA_BACKEND, upstream_model=registration.name)
         try:
-            key = ServedArtifacts.of_row(artifacts, name).served_key
+            key = ServedArtifacts.of_row(entry.artifacts, entry.name).served_key
         except ManifestInvalid:
-            raise InferenceUnavailable(f"model {name} has no servable GGUF registered") from None
-        return local_model(name, self.files.fetch(key))
+            raise InferenceUnavailable(f"model {entry.name} has no servable GGUF registered") from None
+        return await to_thread.run_sync(lambda: local_model(entry.name, self.files.fetch(key)))
+
+    def _catalog_served(self, model_id: str) -> ServedModel:
+        try:
+            return local_model(model_id, self._catalog_gguf(model_id))
+        except NotFound:  # trainable here, not servable: the caller's 404, a route's cue to fall back
+            raise NotFound(f"The base model '{model_id}' has no weights this server can serve (fine-tunes of it "
+                           "can be served).", param="model", code="model_not_found") from None
 
 
 def _spellings(name: str) -> list[str]:

@@ -35,6 +35,7 @@ class ModelRequest:
     gradient_checkpointing: bool
     pad_token_id: int
     seed: int
+    checkpoint_layers: int | None = None  # selective checkpointing (hf): the first N decoder layers; None: all
 
 
 def unsloth_installed() -> bool:

@@ -43,5 +43,22 @@ def load_model(request: ModelRequest) -> Any:
     elif request.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if request.gradient_checkpointing and request.checkpoint_layers is not None:
+        limit_checkpointed_layers(model, request.checkpoint_layers)
     model.config.use_cache = False
     return get_peft_model(model, lora_config(request))
+
+
+def limit_checkpointed_layers(model: Any, keep: int) -> int:
+    """Selective activation checkpointing: only the first ``keep`` decoder layers recompute their activations,
+    the others keep them (faster, more memory). Returns how many layers checkpoint now.
+
+    transformers checks each ``GradientCheckpointingLayer``'s own ``gradient_checkpointing`` flag on every
+    call, so turning the flag off on the later layers after ``gradient_checkpointing_enable`` is all it takes.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and index < keep
+    return sum(1 for layer in layers if layer.gradient_checkpointing)

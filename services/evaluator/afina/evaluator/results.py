@@ -1,0 +1,155 @@
+"""The evaluation's result files: summary CSV, per-example predictions JSONL, and the report section.
+
+Figures are written exactly as computed (``repr`` of the float) in the CSV and JSON; the tables people read
+show ten significant digits, enough that two different figures never print the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from typing import Any
+
+import orjson
+
+from afina.core.artifacts.evaluation import LossGap, ModelEvaluation, QualityGate
+from afina.evaluator.examples import Example
+from afina.evaluator.metrics.classification import match_label
+from afina.evaluator.metrics.text import ExampleScores
+
+SUMMARY_COLUMNS = ("model", "kind", "title", "examples", "loss", "perplexity", "exact_match",
+                   "normalized_exact_match", "token_f1", "rouge_l", "bleu", "chrf", "accuracy", "macro_precision",
+                   "macro_recall", "macro_f1", "macro_auc", "train_loss", "seconds")
+TABLE_METRICS = (("loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "EM"),
+                 ("normalized_exact_match", "norm. EM"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"),
+                 ("bleu", "BLEU"), ("chrf", "chrF"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
+                 ("macro_auc", "macro AUC"))
+SECTION_START, SECTION_END = "<!-- afina:evaluation:start -->", "<!-- afina:evaluation:end -->"
+
+
+def figure(value: float | None) -> str:
+    return "–" if value is None else format(value, ".10g")
+
+
+def summary_csv(results: dict[str, ModelEvaluation]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for key, result in results.items():
+        values: list[Any] = [key, result.kind, result.title, result.examples]
+        values += [result.metric(name) for name in SUMMARY_COLUMNS[4:17]]
+        values += [result.train_loss, result.seconds]
+        writer.writerow(["" if value is None else repr(value) if isinstance(value, float) else value
+                         for value in values])
+    return buffer.getvalue().encode()
+
+
+def predictions_jsonl(examples: list[Example], results: dict[str, ModelEvaluation],
+                      labels: list[str] | None) -> bytes:
+    """One line per example: the prompt, the reference and every model's answer side by side, with scores."""
+    lines = []
+    for index, example in enumerate(examples):
+        row: dict[str, Any] = {"index": index, "prompt": example.prompt, "reference": example.reference,
+                               "answers": {key: r.answers[index] for key, r in results.items()},
+                               "loss": {key: r.example_losses[index] for key, r in results.items()},
+                               "scores": {key: ExampleScores.of(r.answers[index], example.reference).__dict__
+                                          for key, r in results.items()}}
+        if labels:
+            row["reference_label"] = match_label(example.reference, labels)
+            row["answer_labels"] = {key: match_label(r.answers[index], labels) for key, r in results.items()}
+            row["label_probabilities"] = {key: r.label_probabilities[index] for key, r in results.items()
+                                          if r.label_probabilities is not None}
+        lines.append(orjson.dumps(row) + b"\n")
+    return b"".join(lines)
+
+
+Block = tuple[Any, ...]
+
+
+def section_blocks(*, split: str, examples: int, task: str, labels: list[str] | None, metric: str,
+                   results: dict[str, ModelEvaluation], gap: LossGap | None, gate: QualityGate,
+                   charts: list[tuple[str, str]]) -> list[Block]:
+    """The evaluation section as blocks (text, table, images), rendered alike into Markdown and HTML."""
+    blocks: list[Block] = [("text", f"{examples} held-out example(s) of the {split} split; task: "
+                                    + (f"classification over {len(labels or [])} labels ({', '.join(labels or [])})"
+                                       if task == "classification" else "free text")
+                                    + f"; main metric: `{metric}`.")]
+    shown = [(name, title) for name, title in TABLE_METRICS
+             if any(result.metric(name) is not None for result in results.values())]
+    blocks.append(("table", ["model", *[title for _name, title in shown]],
+                   [[result.title, *[figure(result.metric(name)) for name, _title in shown]]
+                    for result in results.values()]))
+    if gap is not None:
+        blocks.append(("text", f"Train/held-out loss gap of the fine-tuned model: {figure(gap.gap)} "
+                               f"(train {figure(gap.train_loss)} on {gap.train_examples} examples, held-out "
+                               f"{figure(gap.heldout_loss)}); "
+                               + (f"overfitting detected (gap above {figure(gap.max_gap)})" if gap.overfitting
+                                  else f"no overfitting flagged (limit {figure(gap.max_gap)})") + "."))
+    verdict = "passed" if gate.passed else ("FAILED — the model is blocked from serving" if gate.blocks_serving
+                                            else "FAILED (not enforced: the model is served)")
+    blocks.append(("text", f"Quality gate: {verdict}."))
+    if gate.checks:
+        blocks.append(("table", ["rule", "model", "value", "compared with", "limit", "result"],
+                       [[check.rule, check.model, figure(check.value), f"{check.against} {figure(check.reference)}",
+                         figure(check.limit), "pass" if check.passed else "FAIL"] for check in gate.checks]))
+    blocks.append(("images", charts))
+    return blocks
+
+
+def render_markdown_section(blocks: list[Block], image_prefix: str) -> str:
+    lines = [SECTION_START, "## Evaluation", ""]
+    for block in blocks:
+        if block[0] == "text":
+            lines += [block[1], ""]
+        elif block[0] == "table":
+            _, headers, rows = block
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("| " + " | ".join("---" for _ in headers) + " |")
+            lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+            lines.append("")
+        elif block[0] == "images":
+            lines += [f"![{alt}]({image_prefix}{name})\n" for alt, name in block[1]]
+    lines.append(SECTION_END)
+    return "\n".join(lines) + "\n"
+
+
+def render_html_section(blocks: list[Block], images: dict[str, bytes]) -> str:
+    out = [SECTION_START, "<h2>Evaluation</h2>"]
+    for block in blocks:
+        if block[0] == "text":
+            parts = html.escape(block[1]).split("`")
+            out.append("<p>" + "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)) + "</p>")
+        elif block[0] == "table":
+            _, headers, rows = block
+            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+                       + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+            out.append("</tbody></table>")
+        elif block[0] == "images":
+            for alt, name in block[1]:
+                encoded = base64.b64encode(images[name]).decode()
+                out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+                           f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+    out.append(SECTION_END)
+    return "\n".join(out) + "\n"
+
+
+def standalone_html(title: str, section: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse}th,td{border:1px solid #ddd;padding:.3em .6em}"
+            f"img{{max-width:100%}}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{section}</body></html>\n")
+
+
+def splice_section(page: str, section: str, *, html_page: bool) -> str:
+    """The page with its evaluation section replaced (a later evaluation) or added (at the end, before
+    ``</body>`` in HTML)."""
+    start, end = page.find(SECTION_START), page.find(SECTION_END)
+    if start != -1 and end > start:
+        return page[:start] + section.rstrip("\n") + page[end + len(SECTION_END):]
+    if html_page and "</body>" in page:
+        at = page.rindex("</body>")
+        return page[:at] + section + page[at:]
+    return page.rstrip("\n") + "\n\n" + section
