@@ -7,9 +7,7 @@ costs nothing. A function returns None when there is nothing to draw (no label t
 
 from __future__ import annotations
 
-import io
-from typing import Any
-
+from afina.core import reports
 from afina.core.artifacts.evaluation import ModelEvaluation
 from afina.evaluator.metrics.text import token_f1
 
@@ -20,26 +18,9 @@ OVERVIEW_METRICS = (("normalized_exact_match", "norm. EM", 1.0), ("token_f1", "t
                     ("accuracy", "accuracy", 1.0), ("macro_f1", "macro F1", 1.0), ("macro_auc", "macro AUC", 1.0))
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    _pyplot().close(figure)
-    return buffer.getvalue()
-
-
 def metric_overview(results: dict[str, ModelEvaluation]) -> bytes:
     """Grouped bars: each metric, one bar per model."""
-    plt = _pyplot()
+    plt = reports.pyplot()
     metrics = [(name, label, scale) for name, label, scale in OVERVIEW_METRICS
                if any(result.metric(name) is not None for result in results.values())]
     figure, axes = plt.subplots(figsize=(min(14.0, max(7.0, 0.4 * len(metrics) * max(1, len(results)))), 4.8))
@@ -54,7 +35,7 @@ def metric_overview(results: dict[str, ModelEvaluation]) -> bytes:
     axes.set_ylabel("score (higher is better)")
     axes.set_title("Held-out metrics by model")
     axes.legend(fontsize=8, loc="upper right")
-    return _png(figure)
+    return reports.png(figure, DPI)
 
 
 def confusion_matrices(results: dict[str, ModelEvaluation]) -> bytes | None:
@@ -62,7 +43,7 @@ def confusion_matrices(results: dict[str, ModelEvaluation]) -> bytes | None:
     with_labels = {key: result for key, result in results.items() if result.classification is not None}
     if not with_labels:
         return None
-    plt = _pyplot()
+    plt = reports.pyplot()
     figure, axes_list = plt.subplots(1, len(with_labels), figsize=(3.6 * len(with_labels) + 0.6, 3.8),
                                      squeeze=False)
     for axes, result in zip(axes_list[0], with_labels.values(), strict=True):
@@ -81,12 +62,12 @@ def confusion_matrices(results: dict[str, ModelEvaluation]) -> bytes | None:
         axes.set_xlabel("answer")
         axes.set_ylabel("reference")
         axes.set_title(result.title, fontsize=9)
-    return _png(figure)
+    return reports.png(figure, DPI)
 
 
 def score_distribution(results: dict[str, ModelEvaluation], references: list[str]) -> bytes:
     """Per-example token F1 of each model, as box plots with every example's point."""
-    plt = _pyplot()
+    plt = reports.pyplot()
     figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(results)), 4.2))
     series = [[token_f1(answer, reference) for answer, reference in zip(result.answers, references, strict=True)]
               for result in results.values()]
@@ -98,7 +79,7 @@ def score_distribution(results: dict[str, ModelEvaluation], references: list[str
     axes.set_ylim(-0.05, 1.05)
     axes.set_ylabel("token F1 per example")
     axes.set_title("Per-example score distribution")
-    return _png(figure)
+    return reports.png(figure, DPI)
 
 
 def roc_curves(results: dict[str, ModelEvaluation]) -> bytes | None:
@@ -107,7 +88,7 @@ def roc_curves(results: dict[str, ModelEvaluation]) -> bytes | None:
               if result.classification is not None and result.classification.roc}
     if not scored:
         return None
-    plt = _pyplot()
+    plt = reports.pyplot()
     figure, axes_list = plt.subplots(1, len(scored), figsize=(3.6 * len(scored) + 0.6, 3.6), squeeze=False)
     for axes, result in zip(axes_list[0], scored.values(), strict=True):
         assert result.classification is not None and result.classification.roc is not None
@@ -119,4 +100,4 @@ def roc_curves(results: dict[str, ModelEvaluation]) -> bytes | None:
         axes.set_ylabel("true positive rate")
         axes.set_title(result.title, fontsize=9)
         axes.legend(fontsize=7, loc="lower right")
-    return _png(figure)
+    return reports.png(figure, DPI)

@@ -6,7 +6,6 @@ show ten significant digits, enough that two different figures never print the s
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -15,6 +14,7 @@ from typing import Any
 import orjson
 
 from afina.core.artifacts.evaluation import LossGap, ModelEvaluation, QualityGate
+from afina.core.reports import Block, html_blocks, markdown_blocks
 from afina.evaluator.examples import Example
 from afina.evaluator.metrics.classification import match_label
 from afina.evaluator.metrics.text import ExampleScores
@@ -65,9 +65,6 @@ def predictions_jsonl(examples: list[Example], results: dict[str, ModelEvaluatio
     return b"".join(lines)
 
 
-Block = tuple[Any, ...]
-
-
 def section_blocks(*, split: str, examples: int, task: str, labels: list[str] | None, metric: str,
                    results: dict[str, ModelEvaluation], gap: LossGap | None, gate: QualityGate,
                    charts: list[tuple[str, str]]) -> list[Block]:
@@ -99,40 +96,12 @@ def section_blocks(*, split: str, examples: int, task: str, labels: list[str] | 
 
 
 def render_markdown_section(blocks: list[Block], image_prefix: str) -> str:
-    lines = [SECTION_START, "## Evaluation", ""]
-    for block in blocks:
-        if block[0] == "text":
-            lines += [block[1], ""]
-        elif block[0] == "table":
-            _, headers, rows = block
-            lines.append("| " + " | ".join(headers) + " |")
-            lines.append("| " + " | ".join("---" for _ in headers) + " |")
-            lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
-            lines.append("")
-        elif block[0] == "images":
-            lines += [f"![{alt}]({image_prefix}{name})\n" for alt, name in block[1]]
-    lines.append(SECTION_END)
+    lines = [SECTION_START, "## Evaluation", "", *markdown_blocks(blocks, image_prefix), SECTION_END]
     return "\n".join(lines) + "\n"
 
 
 def render_html_section(blocks: list[Block], images: dict[str, bytes]) -> str:
-    out = [SECTION_START, "<h2>Evaluation</h2>"]
-    for block in blocks:
-        if block[0] == "text":
-            parts = html.escape(block[1]).split("`")
-            out.append("<p>" + "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)) + "</p>")
-        elif block[0] == "table":
-            _, headers, rows = block
-            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-                       + "</tr></thead><tbody>")
-            out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
-            out.append("</tbody></table>")
-        elif block[0] == "images":
-            for alt, name in block[1]:
-                encoded = base64.b64encode(images[name]).decode()
-                out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
-                           f"<figcaption>{html.escape(alt)}</figcaption></figure>")
-    out.append(SECTION_END)
+    out = [SECTION_START, "<h2>Evaluation</h2>", *html_blocks(blocks, images), SECTION_END]
     return "\n".join(out) + "\n"
 
 

@@ -8,28 +8,12 @@ validation or without a GPU simply has fewer lines or charts, never an empty pic
 
 from __future__ import annotations
 
-import io
 from typing import Any
+
+from afina.core import reports
 
 WIDTH_IN, HEIGHT_IN, DPI = 9.0, 4.8, 110
 TRAIN_COLOR, AVERAGE_COLOR, VALID_COLOR = "#1f77b4", "#0b3d91", "#d62728"
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    _pyplot().close(figure)
-    return buffer.getvalue()
 
 
 def _mark_resumes(axes: Any, resumed_at: list[int]) -> None:
@@ -57,7 +41,7 @@ def loss_chart(records: list[dict[str, Any]], resumed_at: list[int] | None = Non
              if r["type"] == "validation" and r.get("full_valid_loss") is not None]
     if not train and not valid:
         return None
-    plt = _pyplot()
+    plt = reports.pyplot()
     figure, axes = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     if train:
         steps, losses = zip(*train, strict=True)
@@ -77,7 +61,7 @@ def loss_chart(records: list[dict[str, Any]], resumed_at: list[int] | None = Non
     axes.set_ylabel("cross-entropy (nats/token)")
     axes.grid(True, alpha=0.3)
     axes.legend()
-    return _png(figure)
+    return reports.png(figure, DPI)
 
 
 def learning_rate_chart(records: list[dict[str, Any]], resumed_at: list[int] | None = None) -> bytes | None:
@@ -86,7 +70,7 @@ def learning_rate_chart(records: list[dict[str, Any]], resumed_at: list[int] | N
               if r["type"] == "train" and r.get("learning_rate") is not None]
     if not points:
         return None
-    plt = _pyplot()
+    plt = reports.pyplot()
     figure, axes = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN * 0.75))
     steps, rates = zip(*points, strict=True)
     axes.plot(steps, rates, color="#2ca02c", linewidth=1.8, marker="o" if len(points) <= 30 else None, markersize=3,
@@ -98,7 +82,7 @@ def learning_rate_chart(records: list[dict[str, Any]], resumed_at: list[int] | N
     axes.set_ylabel("learning rate")
     axes.grid(True, alpha=0.3)
     axes.legend()
-    return _png(figure)
+    return reports.png(figure, DPI)
 
 
 def gpu_indices(samples: list[dict[str, Any]]) -> list[int]:
@@ -114,7 +98,7 @@ def memory_chart(samples: list[dict[str, Any]]) -> bytes | None:
     samples = sorted((s for s in samples if s.get("timestamp") is not None), key=lambda s: s["timestamp"])
     if len(samples) < 2:
         return None
-    plt = _pyplot()
+    plt = reports.pyplot()
     figure, axes = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     start = samples[0]["timestamp"]
     minutes = [(s["timestamp"] - start) / 60 for s in samples]
@@ -146,4 +130,4 @@ def memory_chart(samples: list[dict[str, Any]]) -> bytes | None:
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
-    return _png(figure)
+    return reports.png(figure, DPI)

@@ -10,7 +10,6 @@ embeds them (base64) so it opens standalone.
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import statistics
@@ -21,6 +20,7 @@ from typing import Any
 import orjson
 
 from afina.core.artifacts.dataset import DatasetManifest
+from afina.core.reports import Block, html_blocks, markdown_blocks
 from afina.trainer import charts
 from afina.trainer.metrics_files import HARDWARE_METRICS_FILE, TRAINING_METRICS_FILE, parse_jsonl
 
@@ -119,7 +119,6 @@ def build_report(facts: RunFacts, training_jsonl: bytes, hardware_jsonl: bytes) 
 # content -------------------------------------------------------------------
 
 # a section is (title, blocks); a block is ("text", str), ("table", headers, rows) or ("images", [(alt, file)])
-Block = tuple[Any, ...]
 Section = tuple[str, list[Block]]
 
 CHART_TITLES = {CHART_LOSS: "Loss", CHART_LEARNING_RATE: "Learning rate", CHART_MEMORY: "Memory over time"}
@@ -335,26 +334,10 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min"
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(title: str, sections: list[Section]) -> str:
     lines = [f"# {title}", ""]
     for heading, blocks in sections:
-        lines += [f"## {heading}", ""]
-        for block in blocks:
-            if block[0] == "text":
-                lines += [block[1], ""]
-            elif block[0] == "table":
-                _, headers, rows = block
-                lines.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
-                lines.append("| " + " | ".join("---" for _ in headers) + " |")
-                lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows]
-                lines.append("")
-            elif block[0] == "images":
-                for alt, name in block[1]:
-                    lines += [f"![{alt}]({name})", ""]
+        lines += [f"## {heading}", "", *markdown_blocks(blocks)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -365,31 +348,11 @@ th{background:#f5f5f5}td:not(:first-child){font-variant-numeric:tabular-nums}fig
 img{max-width:100%;height:auto;border:1px solid #eee}code{background:#f5f5f5;padding:0 .2em}"""
 
 
-def _html_inline(text: str) -> str:
-    """Escape, then show `code` spans the way the Markdown does."""
-    parts = html.escape(str(text)).split("`")
-    return "".join(f"<code>{part}</code>" if index % 2 else part for index, part in enumerate(parts))
-
-
 def render_html(title: str, sections: list[Section], images: dict[str, bytes]) -> str:
     """A standalone page: styles inline, charts embedded as base64 PNGs."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     for heading, blocks in sections:
-        out.append(f"<h2>{html.escape(heading)}</h2>")
-        for block in blocks:
-            if block[0] == "text":
-                out.append(f"<p>{_html_inline(block[1])}</p>")
-            elif block[0] == "table":
-                _, headers, rows = block
-                out.append("<table><thead><tr>" + "".join(f"<th>{_html_inline(h)}</th>" for h in headers)
-                           + "</tr></thead><tbody>")
-                out += ["<tr>" + "".join(f"<td>{_html_inline(cell)}</td>" for cell in row) + "</tr>" for row in rows]
-                out.append("</tbody></table>")
-            elif block[0] == "images":
-                for alt, name in block[1]:
-                    encoded = base64.b64encode(images[name]).decode()
-                    out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
-                               f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        out += [f"<h2>{html.escape(heading)}</h2>", *html_blocks(blocks, images)]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
