@@ -92,6 +92,27 @@ def test_truncation_keeps_the_start_and_drops_examples_left_without_trained_toke
     assert split.tokens == 48 and split.trained_tokens == sum(x != IGNORE_INDEX for x in split.rows[0]["labels"])
 
 
+def test_a_split_is_encoded_in_batches_exactly_as_one_example_at_a_time(tokenizer: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_split tokenizes many conversations per call (faster job start); every row, drop and count must be
+    what encode_example gives one by one — across a batch boundary too."""
+    from afina.trainer import data
+
+    monkeypatch.setattr(data, "ENCODE_BATCH", 3)
+    examples = sample_examples(7)
+    examples.insert(2, {"messages": [{"role": "user", "content": "palavra " * 200},
+                                     {"role": "assistant", "content": "Ok."}]})  # dropped at 64 tokens
+    examples.insert(5, {"messages": [{"role": "user", "content": "oi"},
+                                     {"role": "assistant", "content": "sem peso", "weight": 0},
+                                     {"role": "user", "content": "e agora?"},
+                                     {"role": "assistant", "content": "com peso"}]})
+    one_by_one = [encode_example(tokenizer, e["messages"], SMOLLM2_TRAINING_TEMPLATE, 64) for e in examples]
+    split = encode_split(tokenizer, examples, SMOLLM2_TRAINING_TEMPLATE, 64)
+    assert split.rows == [result[0] for result in one_by_one if result is not None]
+    assert split.dropped == sum(result is None for result in one_by_one) >= 1
+    assert split.truncated == sum(bool(result and result[1]) for result in one_by_one)
+
+
 def test_a_training_split_with_nothing_to_train_fails_the_job(tokenizer: Any) -> None:
     examples = [{"messages": [{"role": "user", "content": "oi"}, {"role": "assistant", "content": "Oi!", "weight": 0}]},
                 {"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "Ok."}]}]

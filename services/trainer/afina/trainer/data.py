@@ -77,6 +77,9 @@ def _read_split(store: ArtifactStore, entry: SplitFile, data_key: SecretStr | No
         raise TrainingFailed(exc.message) from None
 
 
+ENCODE_BATCH = 256  # conversations tokenized in one call: the tokenizer spreads a batch over the CPU's cores
+
+
 def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_template: str,
                    max_seq_len: int, *, assistant_only: bool = True) -> tuple[dict[str, list[int]], bool] | None:
     """``({"input_ids", "labels"}, truncated)`` for one conversation; None when nothing is left to train on.
@@ -85,8 +88,14 @@ def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_temp
     every token is trained but the replies with ``weight: 0``."""
     encoded = tokenizer.apply_chat_template(messages, chat_template=training_template, tokenize=True,
                                             return_dict=True, return_assistant_tokens_mask=True)
-    input_ids = list(encoded["input_ids"])
-    spans = _mask_runs(list(encoded["assistant_masks"]))
+    return _labelled(list(encoded["input_ids"]), list(encoded["assistant_masks"]), messages, max_seq_len,
+                     assistant_only=assistant_only)
+
+
+def _labelled(input_ids: list[int], assistant_mask: list[int], messages: list[dict[str, Any]], max_seq_len: int,
+              *, assistant_only: bool) -> tuple[dict[str, list[int]], bool] | None:
+    """One rendered conversation's labels from its assistant-token mask, truncated to ``max_seq_len``."""
+    spans = _mask_runs(assistant_mask)
     replies = [message for message in messages if message.get("role") == "assistant"]
     if len(spans) != len(replies):
         # each assistant message renders one generation block ending in the EOS token; anything else is a
@@ -108,18 +117,23 @@ def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_temp
 
 def encode_split(tokenizer: Any, examples: list[dict[str, Any]], training_template: str,
                  max_seq_len: int, *, assistant_only: bool = True) -> EncodedSplit:
+    """Every example encoded as ``encode_example`` does, in batches (a job's start waits on this)."""
     split = EncodedSplit(examples=len(examples))
-    for example in examples:
-        result = encode_example(tokenizer, example["messages"], training_template, max_seq_len,
-                                assistant_only=assistant_only)
-        if result is None:
-            split.dropped += 1
-            continue
-        row, truncated = result
-        split.truncated += int(truncated)
-        split.tokens += len(row["input_ids"])
-        split.trained_tokens += sum(1 for label in row["labels"] if label != IGNORE_INDEX)
-        split.rows.append(row)
+    for first in range(0, len(examples), ENCODE_BATCH):
+        conversations = [example["messages"] for example in examples[first:first + ENCODE_BATCH]]
+        encoded = tokenizer.apply_chat_template(conversations, chat_template=training_template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True)
+        for messages, input_ids, mask in zip(conversations, encoded["input_ids"], encoded["assistant_masks"],
+                                             strict=True):
+            result = _labelled(list(input_ids), list(mask), messages, max_seq_len, assistant_only=assistant_only)
+            if result is None:
+                split.dropped += 1
+                continue
+            row, truncated = result
+            split.truncated += int(truncated)
+            split.tokens += len(row["input_ids"])
+            split.trained_tokens += sum(1 for label in row["labels"] if label != IGNORE_INDEX)
+            split.rows.append(row)
     return split
 
 
