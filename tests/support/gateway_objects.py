@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 
 from afina.core import ids
+from afina.core.batches import BATCH_KIND, BatchSpec, batch_id
 from afina.core.catalog import resolve_base_model
 from afina.core.datasets.layout import INGEST_ARTIFACTS, dataset_prefix, model_prefix
 from afina.core.db import repository as repo
@@ -49,6 +50,7 @@ class TenantObjects:
     route: str = ""  # a route (alias) whose one target is the fine-tune
     capture: str = ""  # an exchange of that route kept for retraining (its completion is chatcmpl-<capture>)
     evaluation: str = ""  # the fine-tuning job's evaluation (a job of kind "evaluation")
+    batch: str = ""  # a finished /v1/batches batch (a job of kind "batch")
 
 
 def _artifact_bytes(name: str) -> bytes:
@@ -107,6 +109,10 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
                          hyperparameters={}, kind=EVALUATION_KIND, stage="done", status="succeeded",
                          method={EVALUATION_KIND: EvaluationSpec(model=name, source_job_id=job.id).model_dump()})
         session.add(evaluation)
+        batch = Job(id=batch_id(), tenant_id=tenant, model="/v1/chat/completions", training_file=training.id, seed=0,
+                    hyperparameters={}, kind=BATCH_KIND, stage="done", status="succeeded",
+                    method=BatchSpec(endpoint="/v1/chat/completions", input_file_id=training.id).method())
+        session.add(batch)
         route = f"alias-{secrets.token_hex(6)}"
         repo.put_route(session, tenant, route, RouteSpec(targets=[RouteTarget(model=name)]).to_row())
         capture = secrets.token_hex(12)
@@ -117,7 +123,7 @@ def seed_tenant_objects(runtime: Runtime, tenant: str, *, with_gguf: bool = Fals
                          checkpoints=checkpoints, model=name, export=export.id, export_event=export_event,
                          checkpoint_models=[checkpoint_model_name(name, step) for step in (1, 2)],
                          store_model=f"store://{prefix}/merged", route=route, capture=capture,
-                         evaluation=evaluation.id)
+                         evaluation=evaluation.id, batch=batch.id)
 
 
 def missing_like(value: str) -> str:

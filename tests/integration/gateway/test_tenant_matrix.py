@@ -53,6 +53,7 @@ PATH_OBJECTS: dict[str, Objects] = {
     "name": lambda t: [("route", t.route)],
     "completion_id": lambda t: [("captured completion", f"chatcmpl-{t.capture}")],
     "evaluation_id": lambda t: [("evaluation", t.evaluation)],
+    "batch_id": lambda t: [("batch", t.batch)],
 }
 NOT_OBJECT_PATH = {"filename"}
 # a PUT names the caller's own route, creating it: A's route name is B's to take (routes are per tenant); what
@@ -62,6 +63,7 @@ CREATED_BY_PATH = {("PUT", "/v1/routes/{name}")}
 QUERY_OBJECTS: dict[tuple[str, str], Objects] = {
     ("/v1/files", "after"): FILES,
     ("/v1/fine_tuning/jobs", "after"): lambda t: [("job", t.job)],
+    ("/v1/batches", "after"): lambda t: [("batch", t.batch)],
     ("/v1/fine_tuning/jobs/{job_id}/events", "after"): lambda t: [("event", t.events[1])],
     ("/v1/fine_tuning/jobs/{job_id}/events", "last-event-id"): lambda t: [("event", t.events[1])],
     ("/v1/fine_tuning/jobs/{job_id}/checkpoints", "after"): lambda t: [("checkpoint", t.checkpoints[0])],
@@ -98,6 +100,8 @@ BODY_OBJECTS: dict[tuple[str, str], dict[str, Objects]] = {
     # an evaluation's file must be the caller's (its model is named by the path)
     ("POST", "/v1/fine_tuning/jobs/{job_id}/evaluations"): {"file": FILES},
     ("POST", "/v1/models/{model}/evaluations"): {"file": FILES},
+    # a batch's input file must be the caller's (the models its lines name are checked per line, as the caller)
+    ("POST", "/v1/batches"): {"input_file_id": FILES},
     ("POST", "/v1/files"): {"ingest_options.base_model": lambda t: [("store model", t.store_model)],
                             "ingest_options.encryption.key_env": lambda t: [("key variable", A_KEY_ENV)]},
 }
@@ -120,6 +124,7 @@ NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
     # model keys (base, fine_tuned, gguf:<variant>), metric names and labels: words, not objects
     ("POST", "/v1/fine_tuning/jobs/{job_id}/evaluations"): {"models", "metrics", "labels"},
     ("POST", "/v1/models/{model}/evaluations"): {"models", "metrics", "labels"},
+    ("POST", "/v1/batches"): {"endpoint", "completion_window", "metadata"},
 }
 # the body a route whose path names the object needs to reach its lookup (without one it is a 400 for any id)
 PATH_BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -312,6 +317,9 @@ def _body(method: str, path: str, owner: TenantObjects, field_name: str, value: 
         if field_name == "ingest_options.encryption.key_env":
             options = {"encryption": {"key_env": value, "whole_file": True}}
         return Request(method, path, form={"purpose": "fine-tune", "ingest_options": json.dumps(options)})
+    if path == "/v1/batches":
+        return Request(method, path, json={"input_file_id": value, "endpoint": "/v1/chat/completions",
+                                           "completion_window": "24h"})
     if path.endswith("/evaluations"):  # the owner's own job or model, evaluated on the file named
         return Request(method, _fill(path, _own(owner, path)), json={field_name: value})
     raise AssertionError(f"{method} {path}: BODY_OBJECTS names {field_name!r} but _body cannot build the request")

@@ -3,7 +3,7 @@
 - embedded: SQLite, a local-directory store, Celery over the filesystem, llama.cpp
   in the gateway process; one gateway and one all-in-one worker.
 - services: PostgreSQL, Redis, SeaweedFS (S3), and each service as its own
-  process (gateway, ingest, trainer, exporter and evaluator workers), serving through
+  process (gateway, ingest, trainer, exporter, evaluator and batch workers), serving through
   ``llama_cpp.server`` processes.
 
 What was started is written to ``<home>/run/state.json`` so ``afina down`` stops
@@ -21,7 +21,8 @@ from pathlib import Path
 from afina.deploy.processes import ManagedProcess, free_port, http_ok, port_open, spawn, stop, wait_ready
 from afina.deploy.seaweedfs import start_seaweedfs
 
-WORKER_SERVICES = {"ingest": "ingest", "trainer": "train", "exporter": "export", "evaluator": "evaluate"}
+WORKER_SERVICES = {"ingest": "ingest", "trainer": "train", "exporter": "export", "evaluator": "evaluate",
+                   "batcher": "batch"}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from afina.core.metrics import render_latest
 from afina.core.runtime import Runtime
 from afina.core.scratch import sweep_stale_scratch
 from afina.core.settings import get_settings
+from afina.gateway.batches.router import router as batches_router
 from afina.gateway.captures.router import router as captures_router
 from afina.gateway.chat.router import router as chat_router
 from afina.gateway.completions.router import router as completions_router
@@ -25,22 +26,13 @@ from afina.gateway.errors import install_error_handlers, log
 from afina.gateway.evaluations.router import router as evaluations_router
 from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
-from afina.gateway.inference.files import ModelFileCache
 from afina.gateway.limits import RequestLimitsMiddleware
 from afina.gateway.middleware import MetricsMiddleware, RateLimitHeadersMiddleware
 from afina.gateway.models.router import router as models_router
 from afina.gateway.ollama.router import root_router as ollama_root_router
 from afina.gateway.ollama.router import router as ollama_router
-from afina.gateway.registry.cache import RegistryCache
-from afina.gateway.registry.generation import open_generation_reader
 from afina.gateway.routes.router import router as routes_router
-from afina.gateway.serving.backends import Backends
-from afina.gateway.serving.capture import CaptureObserver
-from afina.gateway.serving.dispatch import Dispatcher
-from afina.gateway.serving.limiter import ModelLimiter
-from afina.gateway.serving.observers import TokenMeter, access_log, record_metrics
-from afina.gateway.serving.ratelimit import open_rate_limiter
-from afina.gateway.serving.resolve import Resolver
+from afina.gateway.serving.stack import build_serving
 
 VERSION = "0.1.0"
 
@@ -51,16 +43,8 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         settings = get_settings()
         configure_logging(settings.log_level, settings.log_json)
         runtime = Runtime(settings)
-    settings = runtime.settings
-    backends = Backends(settings)
-    registry = RegistryCache(lambda: runtime.db, open_generation_reader(settings.resolved_database_url))
-    resolver = Resolver(runtime, ModelFileCache(runtime), registry, serve_from_ollama=backends.serves_from_ollama)
-    rate_limiter = open_rate_limiter(settings)
-    dispatcher = Dispatcher(resolver, backends, ModelLimiter(max_queue=settings.model_max_queue,
-                                                             queue_timeout_s=settings.model_queue_timeout_s,
-                                                             max_wait_s=settings.model_max_queue_wait_s),
-                            observers=[TokenMeter(rate_limiter), record_metrics, access_log, CaptureObserver(runtime)],
-                            cooldown_s=settings.upstream_cooldown_s)
+    stack = build_serving(runtime)
+    dispatcher, registry, rate_limiter = stack.dispatcher, stack.registry, stack.rate_limiter
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -70,9 +54,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await backends.close()
-            await rate_limiter.close()
-            await registry.close()
+            await stack.close()
             log_event(log, "gateway.stopped")
 
     # the API's own map (/docs, /redoc, /openapi.json) only where the operator wants it: local mode, or
@@ -90,8 +72,9 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     app.add_middleware(RequestLimitsMiddleware, settings=runtime.settings)  # key and body size before the body
     app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
-    for router in (files_router, fine_tuning_router, evaluations_router, models_router, chat_router, completions_router,
-                   embeddings_router, captures_router, routes_router):  # captures before routes: see its router
+    # captures before routes: see its router
+    for router in (files_router, batches_router, fine_tuning_router, evaluations_router, models_router, chat_router,
+                   completions_router, embeddings_router, captures_router, routes_router):
         app.include_router(router)
     # Ollama's API has no OpenAPI document of its own; afina's would only restate docs/api.md
     app.include_router(ollama_router, include_in_schema=False)

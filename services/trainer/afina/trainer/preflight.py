@@ -39,6 +39,10 @@ ACTIVATION_BYTES_PER_HIDDEN = 34  # per token per layer, 16-bit (Korthikanti et 
 # Liger's kernels on (H100, 2026-12-07, bench/RESULTS.md), i.e. about 46·h a token a layer; Unsloth's fused
 # layers measured 36.0 GiB for the same run, within the 34·h rule
 ACTIVATION_BYTES_PER_HIDDEN_HF = 48
+# QLoRA through the hf backend keeps more again: PEFT's prepare_model_for_kbit_training runs the norms in fp32 and
+# each layer dequantizes its weights; 66.6 GiB measured for Qwen2.5-7B, 4 × 2048 tokens, no checkpointing (H100,
+# 2026-12-07), about 75·h a token a layer
+ACTIVATION_BYTES_PER_HIDDEN_HF_QUANTIZED = 80
 LOGIT_BYTES_HF = 2
 LOGIT_BYTES_UNSLOTH = 0.5
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
@@ -142,8 +146,10 @@ def estimate_memory(model: ModelShape, run: RunShape) -> MemoryEstimate:
     act_scale = BYTES_PER_PARAM.get(run.dtype, 2.0) / 2  # the 34·h rule counts 16-bit activations
     tokens = run.batch_size * run.tokens_per_row
     hidden = model.hidden_size
-    per_layer = ACTIVATION_BYTES_PER_HIDDEN_HF if run.backend == "hf" and run.device == "cuda" \
-        else ACTIVATION_BYTES_PER_HIDDEN  # a layer that keeps all its activations
+    per_layer = ACTIVATION_BYTES_PER_HIDDEN  # a layer that keeps all its activations
+    if run.backend == "hf" and run.device == "cuda":
+        per_layer = ACTIVATION_BYTES_PER_HIDDEN_HF_QUANTIZED if run.quantization != "none" \
+            else ACTIVATION_BYTES_PER_HIDDEN_HF
     if run.gradient_checkpointing and run.backend == "unsloth":
         # Unsloth offloads the checkpointed layer inputs to CPU memory: one layer's activations stay
         per_token = ACTIVATION_BYTES_PER_HIDDEN * hidden * act_scale

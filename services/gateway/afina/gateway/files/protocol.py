@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from afina.core.db.models import File
 
-FILE_PURPOSES = ("fine-tune",)
+FILE_PURPOSES = ("fine-tune", "batch")  # batch: the requests of a /v1/batches batch, not ingested
 
 
 class FileObject(BaseModel):

@@ -22,7 +22,7 @@ OF_A_FILE = error_responses(404)  # the file is not this tenant's (or its ingest
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"},
-                   "purpose": {"type": "string", "enum": ["fine-tune"]},
+                   "purpose": {"type": "string", "enum": ["fine-tune", "batch"]},
                    "ingest_options": {"type": "string", "description": "JSON of IngestOptions (send before file)"}},
 }}}}}
 

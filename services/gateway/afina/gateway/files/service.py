@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from afina.core import ids
+from afina.core.batches import BATCH_INPUT_PURPOSE
 from afina.core.catalog import check_model_access, resolve_base_model
 from afina.core.catalog.access import STORE_SCHEME, is_local_reference
 from afina.core.datasets.key_env import KEY_ENV_PARAM, check_key_env_allowed
@@ -36,7 +37,7 @@ OPTIONS_FIELD = "ingest_options"
 
 
 def check_purpose(fields: dict[str, str], *, required: bool) -> None:
-    """Refuse a purpose afina does not serve (``fine-tune`` only)."""
+    """Refuse a purpose afina does not serve (``fine-tune`` and ``batch``)."""
     purpose = fields.get("purpose")
     if purpose is None:
         if required:
@@ -155,18 +156,21 @@ def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, option
     stored_options: dict[str, Any] | None = (options.model_dump(mode="json", exclude_unset=True)
                                              if options is not None else None)
     info = runtime.store.put_file(key, upload.path)
+    purpose = upload.fields["purpose"]
+    ingested = purpose != BATCH_INPUT_PURPOSE  # a batch's requests are read by its worker, line by line
     try:
         with runtime.db.session() as session:
-            row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=upload.fields["purpose"],
-                       bytes=info.size, sha256=info.sha256 or "", object_key=key, status="uploaded",
-                       ingest_options=stored_options, ingest_state={"state": "queued"})
+            row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
+                       bytes=info.size, sha256=info.sha256 or "", object_key=key,
+                       status="uploaded" if ingested else "processed", ingest_options=stored_options,
+                       ingest_state={"state": "queued"} if ingested else None)
             session.add(row)
-            message = outbox.add_file_ingest(session, file_id)
+            messages = [outbox.add_file_ingest(session, file_id)] if ingested else []
     except BaseException:
         runtime.store.delete(key)
         raise
     FILES_UPLOADED_BYTES.inc(info.size)
-    outbox.deliver(runtime, [message])  # a broker outage only delays it: the workers' relay sends it later
+    outbox.deliver(runtime, messages)  # a broker outage only delays it: the workers' relay sends it later
     return FileObject.from_row(row)
 
 
