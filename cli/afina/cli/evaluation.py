@@ -89,7 +89,7 @@ def run_evaluation(base_url: str, api_key: str, model: str, *, data: Path | None
     """``afina eval``: upload ``data`` (when given) and wait for its ingest, ask for the evaluation of ``model``
     against ``compare`` (base, GGUF variants), print its events, return its ``evaluation.json``."""
     from afina.cli.datasets import CliError, push_file, wait_for_ingest
-    from afina.cli.models import _checked, _client
+    from afina.cli.models import _checked, _client, follow
 
     body: dict[str, Any] = {}
     if data is not None:
@@ -108,19 +108,9 @@ def run_evaluation(base_url: str, api_key: str, model: str, *, data: Path | None
         evaluation = _checked(client.post(f"/v1/models/{model}/evaluations", json=body))
         source = evaluation["fine_tuning_job_id"]
         print(f"evaluation {evaluation['id']} of {model} queued", file=out)
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            events = _checked(client.get(f"/v1/fine_tuning/jobs/{evaluation['id']}/events",
-                                         params={"limit": 100}))["data"]
-            for event in reversed(events):
-                if event["id"] not in seen:
-                    seen.add(event["id"])
-                    print(f"  {event['message']}", file=out)
-            evaluation = _checked(client.get(f"/v1/fine_tuning/jobs/{source}/evaluations/{evaluation['id']}"))
-            if evaluation["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
-                break
-            time.sleep(poll_s)
+        evaluation = follow(client, f"/v1/fine_tuning/jobs/{evaluation['id']}/events",
+                            f"/v1/fine_tuning/jobs/{source}/evaluations/{evaluation['id']}", out=out,
+                            timeout_s=timeout_s, poll_s=poll_s)
         if evaluation["status"] != "succeeded":
             error = (evaluation.get("error") or {}).get("message") or evaluation["status"]
             raise CliError(f"evaluation {evaluation['id']} {evaluation['status']}: {error}")

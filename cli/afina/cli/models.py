@@ -59,19 +59,26 @@ def run_export(base_url: str, api_key: str, model: str, options: dict[str, Any],
     with _client(base_url, api_key) as client:
         export = _checked(client.post(f"/v1/models/{model}/exports", json=options))
         print(f"export {export['id']} of {model} queued", file=out)
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            events = _checked(client.get(f"/v1/models/{model}/exports/{export['id']}/events",
-                                         params={"limit": 100}))["data"]
-            for event in reversed(events):
-                if event["id"] not in seen:
-                    seen.add(event["id"])
-                    print(f"  {event['message']}", file=out)
-            export = _checked(client.get(f"/v1/models/{model}/exports/{export['id']}"))
-            if export["status"] in TERMINAL or time.monotonic() > deadline:
-                return export
-            time.sleep(POLL_S)
+        return follow(client, f"/v1/models/{model}/exports/{export['id']}/events",
+                      f"/v1/models/{model}/exports/{export['id']}", out=out, timeout_s=timeout_s, poll_s=POLL_S)
+
+
+def follow(client: httpx.Client, events_path: str, object_path: str, *, out: TextIO, timeout_s: float,
+           poll_s: float) -> dict[str, Any]:
+    """Print a job's new events as they come until its object (at ``object_path``) is finished or the time is up;
+    returns the last object read."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = _checked(client.get(events_path, params={"limit": 100}))["data"]
+        for event in reversed(events):
+            if event["id"] not in seen:
+                seen.add(event["id"])
+                print(f"  {event['message']}", file=out)
+        current = _checked(client.get(object_path))
+        if current["status"] in TERMINAL or time.monotonic() > deadline:
+            return current
+        time.sleep(poll_s)
 
 
 def pull(base_url: str, api_key: str, model: str, variant: str | None, target: Path, *,
