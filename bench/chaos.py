@@ -9,9 +9,18 @@ every ``--fault-every`` seconds: SIGKILL of the worker that holds a job (or of a
 a Redis restart, a PostgreSQL crash-restart (``pg_ctl -m immediate``), a SeaweedFS restart.
 At the end it reports, for every job: its status, the models registered for it, how many
 times a stage resumed, and whether its loss curve is continuous (steps 1..N, each run after a
-resume starting right after the checkpoint it resumed from) — and in total the jobs lost
-(failed or vanished), duplicated (two models, or two runs of a stage at once) and stuck (not
-finished by the deadline). All three must be 0. The JSON report goes to ``bench/results/``.
+resume starting right after the checkpoint it resumed from). Each job lands in one category:
+
+- ``succeeded``;
+- ``failed`` — ended ``failed``/``cancelled`` with an error that says why (e.g.
+  ``stage_attempts_exhausted``: the attempts cap working, not a loss), counted per error code;
+- ``lost`` — vanished, or not finished by the deadline with nothing left to move it (no lease,
+  no unsent outbox message, no message waiting in Redis);
+- ``stuck`` — not finished by the deadline although something still holds or carries it;
+
+and, across categories, ``duplicated``: two models, two runs of a stage at once, or a stage run
+to completion twice. Lost, duplicated and stuck must be 0. ``--baseline`` first runs the same
+jobs on a fresh stack without faults. The JSON report goes to ``bench/results/``.
 
 ``tests/e2e/test_fault_injection.py`` runs the same code with every fault kind once.
 """
@@ -46,6 +55,9 @@ from tests.support.servers import (  # noqa: E402
     start_private_redis,
 )
 
+# the event each stage records once when it completes: seen twice, the stage ran to completion twice
+STAGE_DONE_MARKERS = {"ingest": ("Files validated; job queued for training",), "train": ("Adapter saved (",),
+                      "export": ("is ready (serving", "exported again (serving")}
 FAULT_KINDS = ("kill_ingest", "kill_trainer", "kill_exporter", "restart_redis", "restart_postgres", "restart_s3")
 STAGE_SERVICE = {"ingest": "ingest", "train": "trainer", "export": "exporter"}
 SAMPLE = REPO_ROOT / "cli" / "afina" / "cli" / "data" / "aeon_sample.jsonl"
@@ -62,6 +74,15 @@ class JobOutcome:
     steps: list[int]
     continuous: bool
     overlapping: bool
+    error_code: str | None = None
+    stage: str | None = None
+    completions: dict[str, int] = field(default_factory=dict)  # stage -> times it recorded its completion
+    active: list[str] = field(default_factory=list)  # what still holds or carries an unfinished job
+    category: str = ""  # succeeded | failed | lost | stuck
+
+    @property
+    def duplicated(self) -> bool:
+        return self.models > 1 or self.overlapping or any(count > 1 for count in self.completions.values())
 
 
 @dataclass
@@ -76,6 +97,8 @@ class ChaosReport:
     duplicated: int
     stuck: int
     outcomes: list[JobOutcome] = field(default_factory=list)
+    failed: int = 0
+    failed_reasons: dict[str, int] = field(default_factory=dict)  # error code -> jobs
 
     @property
     def clean(self) -> bool:
@@ -120,6 +143,14 @@ def start_stack(workdir: Path, model_cache: Path) -> ChaosStack:
     os.environ.update(overrides)
     try:
         state = up_services(workdir / "stack")
+    except BaseException:  # the stack did not come up: leave no server of ours behind
+        from afina.deploy.processes import stop
+
+        stop(s3.process.pid)
+        redis.stop()
+        postgres.stop()
+        shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
+        raise
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -178,13 +209,15 @@ def inject(stack: ChaosStack, kind: str) -> dict[str, Any]:
     return detail
 
 
-def pick_fault(stack: ChaosStack, rng: random.Random, kinds: tuple[str, ...]) -> str:
-    """Half the time, kill the worker that holds a job right now (the fault that hurts); else any fault."""
+def pick_fault(stack: ChaosStack, rng: random.Random, kinds: tuple[str, ...], done: Counter | None = None) -> str:
+    """Half the time, kill the worker that holds a job right now (the fault that hurts); else a kind not injected
+    yet (``done``), so that every kind is exercised early; once all have been, any fault."""
     busy = [f"kill_{STAGE_SERVICE[stage]}" for stage in running_stages(stack) if stage in STAGE_SERVICE]
     busy = [kind for kind in busy if kind in kinds]
     if busy and rng.random() < 0.5:
         return rng.choice(busy)
-    return rng.choice(kinds)
+    unseen = [kind for kind in kinds if not (done or {}).get(kind)]
+    return rng.choice(unseen or kinds)
 
 
 def submit_jobs(stack: ChaosStack, count: int, examples: int = 24) -> list[str]:
@@ -207,10 +240,52 @@ def statuses(stack: ChaosStack, job_ids: list[str]) -> dict[str, str]:
         return {}
 
 
+def active_work(stack: ChaosStack, job_id: str) -> tuple[str | None, list[str]]:
+    """The job's stage, and what still holds or carries it: a lease (live, or expired and due for the recovery
+    sweep), an unsent outbox message, a message waiting in a Redis queue. Nothing: no one will move the job."""
+    import redis
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(stack.postgres.url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT stage, lease_owner FROM jobs WHERE id = :id"), {"id": job_id}).first()
+            unsent = connection.execute(text("SELECT count(*) FROM outbox WHERE subject_id = :id AND sent_at IS NULL"),
+                                        {"id": job_id}).scalar()
+    finally:
+        engine.dispose()
+    if row is None:
+        return None, []
+    active = [f"lease:{row.lease_owner}"] if row.lease_owner else []
+    active += [f"outbox:{unsent}"] if unsent else []
+    # a SIGKILLed worker's unacked message is not counted: it comes back only after the 7-day visibility timeout
+    client = redis.Redis.from_url(stack.redis.url)
+    for key in client.scan_iter():
+        if client.type(key) == b"list" and any(job_id.encode() in raw for raw in client.lrange(key, 0, -1)):
+            active.append(f"queued:{key.decode()}")
+    return row.stage, active
+
+
+def categorize(outcome: JobOutcome) -> str:
+    if outcome.status == "succeeded":
+        return "succeeded"
+    if outcome.status == "cancelled":
+        return "failed"  # reason: cancelled (the runner never cancels; someone did)
+    if outcome.status == "failed":
+        return "failed" if outcome.error_code else "lost"  # a failure nobody can explain is as good as lost
+    return "stuck" if outcome.active else "lost"
+
+
 def outcome(stack: ChaosStack, job_id: str) -> JobOutcome:
     """What the user sees of one job, and whether its stages ran once each, in order."""
+    import openai
+
     client = stack.client()
-    job = client.fine_tuning.jobs.retrieve(job_id)
+    try:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+    except openai.NotFoundError:
+        return JobOutcome(job_id=job_id, status="vanished", error=None, models=0, resumes=0, steps=[],
+                          continuous=False, overlapping=False, category="lost")
     events = list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=100))))  # oldest first
     models = [m.id for m in client.models.list().data if m.id.endswith(job_id)]
     segments: list[list[int]] = [[]]
@@ -229,20 +304,27 @@ def outcome(stack: ChaosStack, job_id: str) -> JobOutcome:
         for i, later in enumerate(segments) if i > 0)
     error = f"{job.error.code}: {job.error.message}" if job.error else None
     resumes = sum(1 for event in events if "Resuming" in event.message)
-    return JobOutcome(job_id=job_id, status=job.status, error=error, models=len(models), resumes=resumes,
-                      steps=steps, continuous=continuous, overlapping=overlapping)
+    completions = {stage: sum(1 for event in events if any(marker in event.message for marker in markers))
+                   for stage, markers in STAGE_DONE_MARKERS.items()}
+    stage, active = active_work(stack, job_id) if job.status not in TERMINAL else (None, [])
+    result = JobOutcome(job_id=job_id, status=job.status, error=error, models=len(models), resumes=resumes,
+                        steps=steps, continuous=continuous, overlapping=overlapping,
+                        error_code=job.error.code if job.error else None, stage=stage, completions=completions,
+                        active=active)
+    result.category = categorize(result)
+    return result
 
 
 def run_chaos(workdir: Path, model_cache: Path, *, jobs: int, seed: int, fault_every: tuple[float, float],
               deadline_s: float, kinds: tuple[str, ...] = FAULT_KINDS, schedule: list[str] | None = None,
-              log=print) -> ChaosReport:  # noqa: ANN001
+              examples: int = 24, log=print) -> ChaosReport:  # noqa: ANN001
     """Run the jobs under faults (random from ``kinds``, or ``schedule`` in order) and report what happened."""
     rng = random.Random(seed)
     stack = start_stack(workdir, model_cache)
     started = time.monotonic()
     fault_log: list[dict[str, Any]] = []
     try:
-        job_ids = submit_jobs(stack, jobs)
+        job_ids = submit_jobs(stack, jobs, examples)
         log(f"submitted {jobs} jobs: {job_ids}")
         pending_schedule = list(schedule or [])
         next_fault = time.monotonic() + rng.uniform(*fault_every)
@@ -252,7 +334,8 @@ def run_chaos(workdir: Path, model_cache: Path, *, jobs: int, seed: int, fault_e
             if current and all(status in TERMINAL for status in current.values()) and not pending_schedule:
                 break
             if time.monotonic() >= next_fault and (schedule is None or pending_schedule):
-                kind = pending_schedule.pop(0) if schedule is not None else pick_fault(stack, rng, kinds)
+                kind = pending_schedule.pop(0) if schedule is not None else \
+                    pick_fault(stack, rng, kinds, Counter(f["kind"] for f in fault_log))
                 detail = inject(stack, kind)
                 detail["at_s"] = round(time.monotonic() - started, 1)
                 fault_log.append(detail)
@@ -268,12 +351,13 @@ def run_chaos(workdir: Path, model_cache: Path, *, jobs: int, seed: int, fault_e
     finally:
         seconds = time.monotonic() - started
         stop_stack(stack)
+    categories = Counter(o.category for o in outcomes)
     report = ChaosReport(
         jobs=jobs, seed=seed, seconds=round(seconds, 1), faults=dict(Counter(f["kind"] for f in fault_log)),
-        fault_log=fault_log, succeeded=sum(o.status == "succeeded" for o in outcomes),
-        lost=sum(o.status in {"failed", "cancelled"} for o in outcomes),
-        duplicated=sum(o.models > 1 or o.overlapping for o in outcomes),
-        stuck=sum(o.status not in TERMINAL for o in outcomes), outcomes=outcomes)
+        fault_log=fault_log, succeeded=categories["succeeded"], lost=categories["lost"],
+        duplicated=sum(o.duplicated for o in outcomes), stuck=categories["stuck"], outcomes=outcomes,
+        failed=categories["failed"], failed_reasons=dict(Counter(o.error_code or o.status for o in outcomes
+                                                                 if o.category == "failed")))
     return report
 
 
@@ -284,23 +368,39 @@ def main() -> None:
     parser.add_argument("--fault-every", default="12,30", help="seconds between faults: MIN,MAX")
     parser.add_argument("--deadline", type=float, default=1800)
     parser.add_argument("--kinds", default=",".join(FAULT_KINDS))
+    parser.add_argument("--examples", type=int, default=24, help="chats per job (SmolLM2-135M, batch 4, 1 epoch)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run the same jobs on a fresh stack without faults, for comparison")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its stack (finally)
     low, high = (float(part) for part in args.fault_every.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="afina-chaos-"))
     model_cache = Path(os.environ.get("AFINA_BENCH_MODEL_CACHE", workdir / "models"))
+    baseline: ChaosReport | None = None
     try:
-        report = run_chaos(workdir, model_cache, jobs=args.jobs, seed=args.seed, fault_every=(low, high),
-                           deadline_s=args.deadline, kinds=tuple(args.kinds.split(",")))
+        if args.baseline:
+            baseline = run_chaos(workdir / "baseline", model_cache, jobs=args.jobs, seed=args.seed,
+                                 fault_every=(low, high), deadline_s=args.deadline, schedule=[],
+                                 examples=args.examples)
+            print(json.dumps({"baseline": summary(baseline)}, indent=2), flush=True)
+        report = run_chaos(workdir / "chaos", model_cache, jobs=args.jobs, seed=args.seed, fault_every=(low, high),
+                           deadline_s=args.deadline, kinds=tuple(args.kinds.split(",")), examples=args.examples)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results = REPO_ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     payload = {"date": stamp, "command": " ".join(sys.argv), **asdict(report)}
+    if baseline is not None:
+        payload["baseline"] = asdict(baseline)
     (results / f"chaos-{stamp}.json").write_text(json.dumps(payload, indent=2))
-    print(json.dumps({k: payload[k] for k in ("jobs", "seconds", "faults", "succeeded", "lost", "duplicated",
-                                              "stuck")}, indent=2))
-    sys.exit(0 if report.clean else 1)
+    print(json.dumps({"chaos": summary(report)}, indent=2))
+    sys.exit(0 if report.clean and (baseline is None or baseline.clean) else 1)
+
+
+def summary(report: ChaosReport) -> dict[str, Any]:
+    keys = ("jobs", "seconds", "faults", "succeeded", "failed", "failed_reasons", "lost", "duplicated", "stuck")
+    return {key: getattr(report, key) for key in keys}
 
 
 if __name__ == "__main__":

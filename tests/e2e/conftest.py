@@ -20,8 +20,12 @@ def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def services_stack(tmp_path: Path, postgres_database: str, redis_url: str, shared_model_cache: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> Iterator[StackState]:
+def services_stack(request: pytest.FixtureRequest, tmp_path: Path, postgres_database: str, redis_url: str,
+                   shared_model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StackState]:
+    """The stack; a test that also asks for ``contract_ollama`` gets it as the stack's Ollama (AFINA_OLLAMA_URL),
+    so its exporter registers every model there."""
+    if "contract_ollama" in request.fixturenames:
+        monkeypatch.setenv("AFINA_OLLAMA_URL", request.getfixturevalue("contract_ollama").url)
     redis_db = random.randint(1, 15)
     monkeypatch.setenv("AFINA_DATABASE_URL", postgres_database)
     monkeypatch.setenv("AFINA_BROKER_URL", f"{redis_url}/{redis_db}")

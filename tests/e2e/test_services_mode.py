@@ -1,19 +1,23 @@
-"""End to end in multi-process mode, driven by the official openai client, on SmolLM2-135M."""
+"""End to end in multi-process mode, driven by the official openai client, on SmolLM2-135M; the model a job trains is
+registered in (the contract) Ollama by the exporter and answered through the official ollama client."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import time
 from pathlib import Path
 
+import ollama
 import openai
 import pytest
 
 from afina.deploy.processes import alive
 from afina.deploy.runner import StackState, restart_worker
 from tests.support.jobs import SAMPLE_DATASET
+from tests.support.ollama_server import ContractOllama, contract_ollama  # noqa: F401
 from tests.support.prometheus import PrometheusServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -47,7 +51,8 @@ def finished(client: openai.OpenAI, job_id: str):  # noqa: ANN201
     return job if job.status in {"succeeded", "failed", "cancelled"} else None
 
 
-def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackState, prometheus: PrometheusServer,
+def test_openai_client_drives_upload_job_events_and_chat(contract_ollama: ContractOllama,  # noqa: F811
+                                                         services_stack: StackState, prometheus: PrometheusServer,
                                                          tmp_path: Path) -> None:
     client = client_for(services_stack)
     file_id = upload_sample(client, tmp_path, 24)
@@ -77,8 +82,10 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
     assert step_metrics[0].startswith("step,train_loss")
     csv_losses = {int(row.split(",")[0]): float(row.split(",")[1]) for row in step_metrics[1:]}
     assert csv_losses == pytest.approx(dict(zip(sorted(by_step), losses, strict=True)), rel=1e-4)
-    assert "# Training report" in client.files.content(result_files["report.md"]).text
+    report = client.files.content(result_files["report.md"]).text
+    assert "# Training report" in report
     assert client.files.content(result_files["chart_loss.png"]).content.startswith(b"\x89PNG")
+    assert_the_fidelity_figures_are_in_the_report(client, result_files, report)
 
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=24, temperature=0,
@@ -89,7 +96,38 @@ def test_openai_client_drives_upload_job_events_and_chat(services_stack: StackSt
         model=job.fine_tuned_model, max_tokens=16, temperature=0, stream=True,
         messages=[{"role": "user", "content": "what time is it?"}]) if chunk.choices)
     assert streamed.strip()
+    assert_ollama_answers_the_model(client, contract_ollama, job.id, services_stack)
     assert_prometheus_saw_the_job(prometheus, services_stack)
+
+
+def assert_the_fidelity_figures_are_in_the_report(client: openai.OpenAI, result_files: dict[str, str],
+                                                  report: str) -> None:
+    """The export's section of the job's report (a row per GGUF variant) and verification.json among its files."""
+    assert report.count("## Export and fidelity") == 1, report
+    section = report[report.index("## Export and fidelity"):]
+    assert "| f16 | model-f16.gguf |" in section and "Fidelity gate: passed." in section
+    verification = json.loads(client.files.content(result_files["verification.json"]).text)
+    assert verification["passed"] is True and verification["fidelity"]["variants"]["f16"]["compared_with"] == \
+        "reference"
+
+
+def assert_ollama_answers_the_model(client: openai.OpenAI, server: ContractOllama, job_id: str,
+                                    state: StackState) -> None:
+    """The exporter registered the served GGUF in the stack's Ollama (after the job succeeded: publishing never
+    holds the training up) and said so in the job's events, and the official ollama client chats with it there."""
+    prefix = "Registered in Ollama as "
+
+    def registered() -> str | None:
+        messages = [event.message for event in client.fine_tuning.jobs.list_events(job_id, limit=100).data]
+        failed = [message for message in messages if message.startswith("Ollama registration of")]
+        assert not failed, failed
+        return next((m[len(prefix):].split(";")[0] for m in messages if m.startswith(prefix)), None)
+
+    name = wait_for(registered, 120, "the Ollama registration", state)
+    assert name.startswith("default-aeon-") and f"{name}:latest" in server.model_names()
+    reply = ollama.Client(host=server.url).chat(model=name, options={"num_predict": 12, "temperature": 0},
+                                                messages=[{"role": "user", "content": "oi aeon, tudo bem?"}])
+    assert reply.message.content.strip() and reply.done
 
 
 def assert_prometheus_saw_the_job(prometheus: PrometheusServer, state: StackState) -> None:

@@ -9,18 +9,21 @@ that they fail.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jsonschema
 
-from afina.core.queue.names import QUEUE_EVALUATE, QUEUE_EXPORT, QUEUE_INGEST, QUEUE_TRAIN
+from afina.core.queue.names import GPU_CLASS_NAME, QUEUE_BATCH, QUEUE_EVALUATE, QUEUE_EXPORT, QUEUE_INGEST, QUEUE_TRAIN
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 LONG_RUNNING_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
 GPU = "nvidia.com/gpu"
-KNOWN_QUEUES = {QUEUE_INGEST, QUEUE_TRAIN, QUEUE_EXPORT, QUEUE_EVALUATE}
+KNOWN_QUEUES = {QUEUE_INGEST, QUEUE_TRAIN, QUEUE_EXPORT, QUEUE_EVALUATE, QUEUE_BATCH}
+# afina.core.queue.names.train_queue: train, train.<class>, train.x<N>, train.<class>.x<N>
+TRAIN_QUEUE = re.compile(rf"{QUEUE_TRAIN}(\.{GPU_CLASS_NAME})?(\.x[2-8])?")
 # Secrets that other controllers create (cert-manager writes the Ingress' certificate)
 EXTERNALLY_CREATED_SECRETS = {"afina-gateway-tls"}
 
@@ -181,8 +184,7 @@ def worker_queues(deployment: Obj) -> set[str]:
 
 
 def _is_known_queue(queue: str) -> bool:
-    stage, _, gpu_class = queue.partition(".")
-    return queue in KNOWN_QUEUES or (stage == QUEUE_TRAIN and bool(gpu_class))
+    return queue in KNOWN_QUEUES or bool(TRAIN_QUEUE.fullmatch(queue))
 
 
 def _autoscaling_rules(objects: list[Obj]) -> Iterator[str]:

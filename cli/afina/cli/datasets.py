@@ -129,9 +129,10 @@ def download_report(base_url: str, api_key: str, file_id: str, target: Path) -> 
     return written
 
 
-def wait_for_ingest(base_url: str, api_key: str, file_id: str, out: TextIO = sys.stdout,
+def wait_for_ingest(base_url: str, api_key: str, file_id: str, out: TextIO | None = None,
                     poll_s: float = POLL_S, timeout_s: float = 24 * 3600) -> dict[str, Any]:
     """Poll until the file is ``processed`` or ``error``, printing progress as it changes."""
+    out = out or sys.stdout  # read now: a default bound at import would keep a replaced stdout
     deadline = time.monotonic() + timeout_s
     last = None
     while True:

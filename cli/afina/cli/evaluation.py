@@ -84,12 +84,14 @@ def comparison_table(evaluation: dict[str, Any]) -> str:
 
 
 def run_evaluation(base_url: str, api_key: str, model: str, *, data: Path | None, compare: list[str] | None,
-                   metrics: list[str] | None, labels: list[str] | None, out: TextIO = sys.stdout,
+                   metrics: list[str] | None, labels: list[str] | None, out: TextIO | None = None,
                    poll_s: float = 1.0, timeout_s: float = 24 * 3600) -> dict[str, Any]:
     """``afina eval``: upload ``data`` (when given) and wait for its ingest, ask for the evaluation of ``model``
     against ``compare`` (base, GGUF variants), print its events, return its ``evaluation.json``."""
     from afina.cli.datasets import CliError, push_file, wait_for_ingest
     from afina.cli.models import _checked, _client, follow
+
+    out = out or sys.stdout  # read now: a default bound at import would keep a replaced stdout
 
     body: dict[str, Any] = {}
     if data is not None:

@@ -48,8 +48,39 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     print(f"{state.mode} at {state.base_url}")
     for process in state.processes:
-        print(f"  {process.name:10} pid {process.pid:<8} {'up' if alive(process.pid) else 'DOWN'}  {process.log}")
+        pinned = f"  GPU {process.gpus}" if process.gpus else ""
+        print(f"  {process.name:14} pid {process.pid:<8} {'up' if alive(process.pid) else 'DOWN'}  {process.log}"
+              f"{pinned}")
+    running = _running_stages(args)
+    if running:
+        print("running:")
+        for line in running:
+            print(f"  {line}")
     return 0
+
+
+def _running_stages(args: argparse.Namespace) -> list[str]:
+    """One line per stage a worker holds now: the job, its stage, the GPU it runs on (if pinned)."""
+    from sqlalchemy import select
+
+    from afina.core.db import repository as repo
+    from afina.core.db.models import Job
+    from afina.core.queue.jobs import owner_gpus
+
+    runtime = _registry(args)
+    try:
+        with runtime.db.session() as session:
+            jobs = session.scalars(select(Job).where(Job.status.in_(repo.ACTIVE_STATUSES),
+                                                     Job.lease_owner.is_not(None)).order_by(Job.created_at)).all()
+            lines = []
+            for job in jobs:
+                gpus = owner_gpus(job.lease_owner)
+                where = f"GPU {gpus}" if gpus else "no GPU"
+                placement = f" (class {job.gpu_class})" if job.gpu_class else ""
+                lines.append(f"{job.id} {job.stage:8} {where}{placement}  tenant {job.tenant_id}")
+            return lines
+    finally:
+        runtime.db.dispose()
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

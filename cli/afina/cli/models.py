@@ -53,9 +53,10 @@ def export_options(quantizations: list[str], serve: str | None, ollama: bool, ol
     return options
 
 
-def run_export(base_url: str, api_key: str, model: str, options: dict[str, Any], *, out: TextIO = sys.stdout,
+def run_export(base_url: str, api_key: str, model: str, options: dict[str, Any], *, out: TextIO | None = None,
                timeout_s: float = 24 * 3600) -> dict[str, Any]:
     """Start the export, print its events as they come, and return the finished export object."""
+    out = out or sys.stdout  # read now: a default bound at import would keep a replaced stdout
     with _client(base_url, api_key) as client:
         export = _checked(client.post(f"/v1/models/{model}/exports", json=options))
         print(f"export {export['id']} of {model} queued", file=out)
@@ -82,8 +83,9 @@ def follow(client: httpx.Client, events_path: str, object_path: str, *, out: Tex
 
 
 def pull(base_url: str, api_key: str, model: str, variant: str | None, target: Path, *,
-         out: TextIO = sys.stdout) -> Path:
+         out: TextIO | None = None) -> Path:
     """Download the model's GGUF of ``variant`` (default: the served one) to ``target``, resuming a partial one."""
+    out = out or sys.stdout  # read now: a default bound at import would keep a replaced stdout
     with _client(base_url, api_key) as client:
         files = _checked(client.get(f"/v1/models/{model}/files"))["data"]
         ggufs = [item for item in files if item["kind"] == "gguf"]

@@ -27,8 +27,9 @@ def format_metrics(data: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def watch_job(client, job_id: str, out: TextIO = sys.stdout, poll_s: float = 1.0) -> Any:  # noqa: ANN001
+def watch_job(client, job_id: str, out: TextIO | None = None, poll_s: float = 1.0) -> Any:  # noqa: ANN001
     """Print each new event once (oldest first); return the job when it reaches a terminal status."""
+    out = out or sys.stdout  # read now: a default bound at import would keep a replaced stdout
     seen: set[str] = set()
     while True:
         events = client.fine_tuning.jobs.list_events(job_id, limit=100).data

@@ -9,6 +9,8 @@ themselves are in the store, next to that progress (``output.partial.jsonl``, ``
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from afina.core import ids
@@ -18,12 +20,23 @@ BATCH_KIND = "batch"
 BATCH_STAGE = "batch"
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 COMPLETION_WINDOWS = ("24h",)
+COMPLETION_WINDOW_S = {"24h": 24 * 3600}  # a batch not finished this long after its creation expires
 BATCH_INPUT_PURPOSE = "batch"
 BATCH_OUTPUT_PURPOSE = "batch_output"
 
 
+class OutputExpiresAfter(BaseModel):
+    """OpenAI's ``output_expires_after``: how long after their creation the output and error files are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=30 * 24 * 3600, description="between 3600 (1 hour) and 2592000 (30 days)")
+
+
 class BatchProgress(BaseModel):
-    """What the worker has finished: ``lines_done`` input lines, their counts, and when phases began."""
+    """What the worker has finished: ``lines_done`` input lines, their counts, the tokens the answered ones used,
+    and when phases began (``expired_at``: the batch ran past its completion window and stopped there)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +47,9 @@ class BatchProgress(BaseModel):
     in_progress_at: int | None = None
     finalizing_at: int | None = None
     cancelling_at: int | None = None
+    expired_at: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     output_file_id: str | None = None
     error_file_id: str | None = None
 
@@ -47,6 +63,7 @@ class BatchSpec(BaseModel):
     input_file_id: str
     completion_window: str = "24h"
     key_prefix: str = Field("", description="the API key that created it: its requests are that key's")
+    output_expires_after: OutputExpiresAfter | None = None
     progress: BatchProgress = Field(default_factory=BatchProgress)
 
     @classmethod
@@ -55,6 +72,10 @@ class BatchSpec(BaseModel):
 
     def method(self) -> dict:
         return {"type": BATCH_KIND, BATCH_KIND: self.model_dump(mode="json")}
+
+    def expires_at(self, created_at: int) -> int:
+        """When a batch created at ``created_at`` expires (OpenAI's ``expires_at``)."""
+        return created_at + COMPLETION_WINDOW_S[self.completion_window]
 
 
 def batch_id() -> str:

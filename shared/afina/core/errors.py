@@ -118,6 +118,18 @@ class TrainingFailed(AfinaError):
     code = "training_failed"
 
 
+class InsufficientMemory(TrainingFailed):
+    """A run that does not fit the memory its worker has, with the figures a router needs to send it to a
+    larger GPU (``afina.core.gpu_classes``) before failing it."""
+
+    code = "insufficient_memory"
+
+    def __init__(self, message: str, *, needed_bytes: float, available_bytes: float) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
 class ExportFailed(AfinaError):
     error_type = "server_error"
     code = "export_failed"

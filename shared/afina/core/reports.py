@@ -1,6 +1,7 @@
 """What every report afina writes shares: blocks rendered as Markdown or HTML, and charts drawn to PNG bytes.
 
-The trainer's run report and the evaluator's evaluation section are built from the same
+The trainer's run report, and the sections later stages splice into it (the exporter's export and
+fidelity section, the evaluator's evaluation section), are built from the same
 blocks — ``("text", str)``, ``("table", headers, rows)``, ``("images", [(alt, file name)])`` —
 so they read alike and a cell means the same in both formats. matplotlib is imported only
 when a chart is drawn (the services that draw depend on it; afina.core does not).
@@ -82,3 +83,36 @@ def html_blocks(blocks: list[Block], images: dict[str, bytes]) -> list[str]:
                 out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
                            f"<figcaption>{html.escape(alt)}</figcaption></figure>")
     return out
+
+
+# --- sections that later stages add to a job's report pages (the trainer writes the pages) ----------------------
+
+REPORT_PAGES = {"report.md": False, "report.html": True}  # a job's report pages under report/ (name -> is HTML)
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    """The comments that delimit a stage's section in a report page, so a later run replaces it in place."""
+    return f"<!-- afina:{name}:start -->", f"<!-- afina:{name}:end -->"
+
+
+def markdown_section(name: str, heading: str, blocks: list[Block], image_prefix: str = "") -> str:
+    start, end = section_markers(name)
+    return "\n".join([start, f"## {heading}", "", *markdown_blocks(blocks, image_prefix), end]) + "\n"
+
+
+def html_section(name: str, heading: str, blocks: list[Block], images: dict[str, bytes]) -> str:
+    start, end = section_markers(name)
+    return "\n".join([start, f"<h2>{html.escape(heading)}</h2>", *html_blocks(blocks, images), end]) + "\n"
+
+
+def splice_section(page: str, section: str, *, name: str, html_page: bool) -> str:
+    """The page with its ``name`` section replaced (a later run of the stage) or added (at the end, before
+    ``</body>`` in HTML)."""
+    start_marker, end_marker = section_markers(name)
+    start, end = page.find(start_marker), page.find(end_marker)
+    if start != -1 and end > start:
+        return page[:start] + section.rstrip("\n") + page[end + len(end_marker):]
+    if html_page and "</body>" in page:
+        at = page.rindex("</body>")
+        return page[:at] + section + page[at:]
+    return page.rstrip("\n") + "\n\n" + section

@@ -97,6 +97,57 @@ def test_a_gateway_killed_after_the_commit_still_gets_its_job_ingested_once(afin
     assert messages.count("Files validated; job queued for training") == 1
 
 
+@pytest.mark.slow
+def test_a_worker_killed_after_the_handoff_commit_still_gets_its_job_to_succeeded_once(
+        afina_home: Path, private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingest stage finishes and its worker dies right after committing the handoff to train, before the
+    train message is sent: the relay sends it once, the job trains, exports and succeeds, once."""
+    from afina.core.training import FineTuningRequest
+    from afina.exporter.pipeline import export_job
+    from afina.gateway.fine_tuning.service import create_job as create_job_via_api
+    from afina.trainer.recipe import train_job
+
+    model_cache = shared_model_cache(tmp_path_factory)
+    runtime = Runtime(Settings(home=afina_home, log_json=False, broker_url=private_redis.url,
+                               model_cache_dir=model_cache, export_quantizations=["Q8_0"]))
+    upload = upload_file(runtime, "acme", jsonl(sample_examples(15)))
+    job_id = create_job_via_api(runtime, "acme", FineTuningRequest(
+        model="smollm2-135m-instruct", training_file=upload.id, suffix="handoff",
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "max_steps": 2, "batch_size": 2, "max_seq_len": 256, "save_steps": 2}}})).id
+
+    died = subprocess.run([sys.executable, "-m", "tests.integration.core.die_after_commit", "handoff",
+                           str(afina_home), job_id], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AFINA_HOME": str(afina_home), "AFINA_BROKER_URL": private_redis.url,
+                               "AFINA_MODEL_CACHE_DIR": str(model_cache)})
+    assert died.returncode == 137, died.stdout + died.stderr
+    row = job_row(runtime, job_id)
+    assert (row.status, row.stage, row.lease_owner, row.error) == ("queued", "train", None, None)
+    [train_message] = [m for m in outbox_rows(runtime, job_id) if m.task == TASK_TRAIN]
+    assert train_message.sent_at is None  # committed with the handoff, never sent
+    assert queued_tasks(private_redis, QUEUE_TRAIN) == []
+
+    monkeypatch.setattr(outbox, "SENDER_GRACE_S", 0.0)
+    assert outbox.relay_pending(runtime) == 1  # the relay of any worker sends what the dead one left
+    assert outbox.relay_pending(runtime) == 0
+    assert queued_tasks(private_redis, QUEUE_TRAIN) == [(TASK_TRAIN, [job_id])]
+
+    # the worker that takes the message runs train, then export; a redelivered train message changes nothing
+    assert run_stage(runtime, job_id, "train", train_job) == "done"
+    assert run_stage(runtime, job_id, "export", export_job) == "done"
+    assert run_stage(runtime, job_id, "train", train_job) == "skipped"
+    row = job_row(runtime, job_id)
+    assert (row.status, row.error) == ("succeeded", None) and row.fine_tuned_model
+    with runtime.db.session() as session:
+        assert repo.count_models_for_job(session, job_id) == 1
+        messages = [e.message for e in repo.list_events(session, job_id, None, 200)[0]]
+    assert messages.count("Files validated; job queued for training") == 1
+    assert sum(m.startswith("Adapter saved (") for m in messages) == 1
+    assert sum("is ready (serving" in m for m in messages) == 1
+    assert [m.task for m in outbox_rows(runtime, job_id)].count(TASK_TRAIN) == 1
+
+
 def test_a_broker_down_at_the_handoff_keeps_the_finished_stage_and_sends_later(
         afina_home: Path, private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory,
         monkeypatch: pytest.MonkeyPatch) -> None:

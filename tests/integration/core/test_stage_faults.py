@@ -103,6 +103,65 @@ def test_a_drained_stage_does_not_use_up_an_attempt(runtime: Runtime) -> None:
     assert len(outbox_rows(runtime, job.id)) == runtime.settings.max_stage_attempts + 2
 
 
+def test_a_claim_retried_after_its_commit_went_through_counts_one_attempt(runtime: Runtime) -> None:
+    """The database may drop the connection after committing a claim; the retried claim (same owner) is the
+    same attempt, not a second one burnt by the infrastructure."""
+    job = create_job(runtime, "acme", "file-x", stage="train", status="running")
+    for _ in range(3):
+        with runtime.db.session() as session:
+            assert repo.acquire_lease(session, job.id, "worker-a", 60)
+    assert job_row(runtime, job.id).attempts == 1
+
+
+def test_a_database_fault_while_announcing_a_resume_does_not_use_up_an_attempt(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "Resuming ..." event is written under the same guard as the stage: a database that stays away
+    then pauses the job (attempt given back) instead of leaving a held lease to expire and count as a crash."""
+    from afina.core.queue.jobs import JobContext
+
+    job = create_job(runtime, "acme", "file-x", stage="train", status="running")
+    set_columns(runtime, job.id, attempts=1)  # an earlier attempt's worker died: this claim is a resume
+    real_event = JobContext.event
+
+    def event(context: JobContext, message: str, **kwargs: object) -> None:
+        if message.startswith("Resuming"):
+            raise ConnectionError("the database went away")
+        real_event(context, message, **kwargs)
+
+    monkeypatch.setattr(JobContext, "event", event)
+    assert run_stage(runtime, job.id, "train", must_not_run) == "paused"
+    row = job_row(runtime, job.id)
+    assert (row.status, row.lease_owner, row.attempts) == ("running", None, 1)
+    [message] = outbox_rows(runtime, job.id)
+    assert message.task == TASK_TRAIN
+
+
+def test_a_pause_whose_give_back_first_fails_keeps_trying_and_does_not_use_up_an_attempt(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A give-back that never landed would let the lease expire and the sweep's requeue count the pause as a
+    crashed attempt: while the lease is held, the give-back is tried again until it lands."""
+    from afina.core.queue import jobs
+
+    job = create_job(runtime, "acme", "file-x", stage="train", status="running")
+    real_give_back, failures = jobs._give_back, []
+
+    def flaky_give_back(context, **kwargs):  # noqa: ANN001, ANN202
+        if len(failures) < 2:
+            failures.append(1)
+            raise ConnectionError("the database is still away")
+        return real_give_back(context, **kwargs)
+
+    monkeypatch.setattr(jobs, "_give_back", flaky_give_back)
+
+    def store_away(_context: object) -> str:
+        raise StoreUnavailable("the object store did not answer (write); try again shortly")
+
+    assert run_stage(runtime, job.id, "train", store_away) == "paused"
+    row = job_row(runtime, job.id)
+    assert (row.status, row.lease_owner, row.attempts, len(failures)) == ("running", None, 0, 2)
+    assert [m.task for m in outbox_rows(runtime, job.id)] == [TASK_TRAIN]
+
+
 # transient faults -----------------------------------------------------------
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from afina.core.datasets.layout import adapter_prefix, model_prefix
 from afina.core.db import repository as repo
-from afina.core.db.models import Model
+from afina.core.db.models import File, Model
 from afina.core.evaluation_jobs import EVALUATION_JOB_EVENT_KEY, EVALUATION_KIND
 from afina.core.queue.jobs import run_stage
 from afina.core.runtime import Runtime
@@ -66,11 +66,27 @@ def exported(tmp_path_factory: pytest.TempPathFactory, exporter_model_cache: Pat
     runtime = Runtime(Settings(home=home, model_cache_dir=exporter_model_cache, log_json=False))
     job = create_job(runtime, TENANT, "file-test", stage="export", status="running", suffix="aeon")
     store_adapter(runtime, TENANT, job.id, lora_adapter_dir)
+    # the trainer's report page, published as the job's result file, as the train stage leaves it
+    page = runtime.store.put_bytes(f"{report_prefix(job.id)}/report.md", b"# Training report\n\nloss 1.0\n")
+    with runtime.db.session() as session:
+        file_id = repo.add_result_file(session, TENANT, object_key=page.key, filename="report.md", size=page.size,
+                                       sha256=page.sha256 or "").id
+        repo.get_job(session, None, job.id).result_files = [file_id]
     context = context_for(runtime, job, "export")
     assert export_job(context) is None
     with runtime.db.session() as session:
         repo.release_lease(session, job.id, context.owner)
     return Exported(runtime, job.id, model_prefix(TENANT, job.id))
+
+
+def report_prefix(job_id: str) -> str:
+    return f"jobs/{TENANT}/{job_id}/report"
+
+
+def result_files(runtime: Runtime, job_id: str) -> dict[str, File]:
+    with runtime.db.session() as session:
+        return {row.filename: row for row in (session.get(File, file_id)
+                                              for file_id in repo.get_job(session, None, job_id).result_files)}
 
 
 def test_three_ggufs_modelfile_and_report_with_the_manifest_written_last(exported: Exported) -> None:
@@ -119,6 +135,23 @@ def test_job_succeeded_with_one_registered_model(exported: Exported) -> None:
               if event.data and EVALUATION_JOB_EVENT_KEY in event.data]
     assert len(queued) == 1 and job_row(runtime, queued[0]).kind == EVALUATION_KIND
     assert not (runtime.settings.resolved_work_dir / job_id).exists()
+
+
+def test_the_export_section_is_in_the_jobs_report_and_verification_json_in_its_files(exported: Exported) -> None:
+    runtime = exported.runtime
+    files = result_files(runtime, exported.job_id)
+    assert list(files) == ["report.md", "verification.json"]  # the trainer's file keeps its id
+    for row in files.values():  # each downloadable as what is in the store now
+        assert (row.bytes, row.sha256) == (runtime.store.stat(row.object_key).size,
+                                           sha256_file(store_path(runtime, row.object_key)))
+    page = runtime.store.get_bytes(f"{report_prefix(exported.job_id)}/report.md").decode()
+    assert page.startswith("# Training report") and page.count("## Export and fidelity") == 1
+    manifest = orjson.loads(runtime.store.get_bytes(f"{exported.prefix}/manifest.json"))
+    for variant in ("f16", "q4_k_m", "q8_0"):
+        entry = manifest["gguf"][variant]
+        assert f"| {variant} | model-{variant}.gguf | {entry['bytes'] / 1e6:.1f} MB | {entry['sha256'][:12]} |" in page
+    # this job has no held-out split: the section says the gate was skipped, and why
+    assert "Fidelity gate: skipped — the job has no held-out conversation" in page
 
 
 def test_verification_report_records_every_check(exported: Exported) -> None:
@@ -241,3 +274,7 @@ def test_a_re_export_adds_a_variant_to_the_same_model(exported: Exported) -> Non
     row = job_row(runtime, export.id)
     assert row.status == "succeeded" and row.fine_tuned_model == model.name
     assert job_row(runtime, exported.job_id).status == "succeeded"  # the training job is untouched
+    # its report's export section now lists the new variant, replaced in place
+    page = runtime.store.get_bytes(f"{report_prefix(exported.job_id)}/report.md").decode()
+    assert page.count("## Export and fidelity") == 1 and "| q5_k_m | model-q5_k_m.gguf |" in page
+    assert list(result_files(runtime, exported.job_id)) == ["report.md", "verification.json"]

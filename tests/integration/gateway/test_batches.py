@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -204,3 +205,112 @@ def test_a_completions_batch_answers_raw_prompts(gateway: Gateway, acme: Any) ->
     [output] = lines_of(acme, done.output_file_id)
     assert output["custom_id"] == "p-1" and output["response"]["body"]["object"] == "text_completion"
     assert output["response"]["body"]["choices"][0]["text"]
+
+
+def test_an_inference_key_runs_a_batch_with_its_files_but_not_training_data(gateway: Gateway, acme: Any,
+                                                                           upload: Any) -> None:
+    """OpenAI counts a batch's input, output and error files as batch usage: the inference scope uploads and
+    reads them; training data (upload, read, ingest views) stays with the fine-tune scope."""
+    from afina.core.db import repository as repo
+
+    with gateway.runtime.db.session() as session:
+        inference_key = repo.create_api_key(session, "acme", scopes=["inference"])
+        fine_tune_key = repo.create_api_key(session, "acme", scopes=["fine-tune"])
+    inference = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=inference_key, max_retries=0, timeout=120)
+    fine_tune = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=fine_tune_key, max_retries=0, timeout=120)
+
+    content = chat_line("ok", "Say hi.") + b"\n" + b"{broken\n"
+    input_file = inference.files.create(file=("requests.jsonl", content), purpose="batch")
+    assert input_file.purpose == "batch" and inference.files.retrieve(input_file.id).id == input_file.id
+    batch = inference.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="24h")
+    assert run_worker(gateway, batch.id) == "done"
+    done = inference.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.output_file_id and done.error_file_id
+    assert [line["custom_id"] for line in lines_of(inference, done.output_file_id)] == ["ok"]
+    assert [line["error"]["code"] for line in lines_of(inference, done.error_file_id)] == ["invalid_json"]
+    listed = {item.id: item.purpose for item in inference.files.list().data}
+    assert {input_file.id, done.output_file_id, done.error_file_id} <= set(listed)
+    assert set(listed.values()) <= {"batch", "batch_output"}  # acme's training files are not shown to it
+
+    training = upload()  # acme's all-scopes key: a fine-tune file
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        inference.files.create(file=("train.jsonl", b'{"messages": []}\n'), purpose="fine-tune")
+    assert "'fine-tune' scope" in refused.value.message and "purpose 'fine-tune'" in refused.value.message
+    for read in (inference.files.retrieve, inference.files.content, inference.files.delete):
+        with pytest.raises(openai.PermissionDeniedError):
+            read(training.id)
+    ingest = httpx.get(f"{gateway.url}/v1/files/{input_file.id}/ingest",
+                       headers={"Authorization": f"Bearer {inference_key}"})
+    assert ingest.status_code == 403, ingest.text
+    assert acme.files.retrieve(training.id).id == training.id  # refused above, so not deleted
+
+    # a fine-tune key keeps its uploads (training data, and batch files as before) but cannot run a batch
+    assert fine_tune.files.create(file=("t.jsonl", b'{"messages": []}\n'), purpose="fine-tune").purpose == "fine-tune"
+    kept = fine_tune.files.create(file=("r.jsonl", chat_line("a", "Hi.") + b"\n"), purpose="batch")
+    with pytest.raises(openai.PermissionDeniedError):
+        fine_tune.batches.create(input_file_id=kept.id, endpoint=CHAT, completion_window="24h")
+    # another tenant's inference key still sees none of acme's batch files
+    with gateway.runtime.db.session() as session:
+        globex_key = repo.create_api_key(session, "globex", scopes=["inference"])
+    globex = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=globex_key, max_retries=0, timeout=120)
+    with pytest.raises(openai.NotFoundError):
+        globex.files.content(done.output_file_id)
+
+
+def test_usage_sums_the_answered_requests_tokens_and_output_expires_after_is_accepted(gateway: Gateway,
+                                                                                    acme: Any) -> None:
+    content = b"\n".join([chat_line("a", "Say hi."), chat_line("b", "Count: 1, 2,"), b"{broken"]) + b"\n"
+    input_file = acme.files.create(file=("r.jsonl", content), purpose="batch")
+    batch = acme.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="24h",
+                                output_expires_after={"anchor": "created_at", "seconds": 7200})
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    assert batch.usage is not None and batch.usage.total_tokens == 0
+    assert run_worker(gateway, batch.id) == "done"
+    done = acme.batches.retrieve(batch.id)
+    bodies = [line["response"]["body"] for line in lines_of(acme, done.output_file_id)]
+    prompt = sum(body["usage"]["prompt_tokens"] for body in bodies)
+    completion = sum(body["usage"]["completion_tokens"] for body in bodies)
+    assert len(bodies) == 2 and prompt > 0 and completion > 0
+    usage = done.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (prompt, completion, prompt + completion)
+    assert usage.input_tokens_details.cached_tokens == 0 and usage.output_tokens_details.reasoning_tokens == 0
+    for bad in ({"anchor": "created_at", "seconds": 60}, {"anchor": "last_active_at", "seconds": 7200}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            acme.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="24h",
+                                output_expires_after=bad)  # type: ignore[arg-type]
+        assert "output_expires_after" in str(caught.value.body)
+
+
+def test_a_batch_past_its_window_expires_and_keeps_its_partial_output(gateway: Gateway, acme: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """As OpenAI's: the window runs out between requests; what finished stays in the output file, every request
+    not run is in the error file as ``batch_expired``, and the batch is ``expired`` with ``expired_at``."""
+    from afina.core.db.models import now
+    from afina.gateway.batches import runner
+
+    content = b"\n".join(chat_line(f"line-{index}", f"Say {index}.") for index in range(3)) + b"\n"
+    input_file = acme.files.create(file=("r.jsonl", content), purpose="batch")
+    batch = acme.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="24h")
+    real = runner._answer_line
+
+    async def the_day_passes_during_the_first(dispatcher: Any, caller: Any, endpoint: str, raw: bytes,
+                                              seen: set[str]) -> Any:
+        answered = await real(dispatcher, caller, endpoint, raw, seen)
+        monkeypatch.setattr(runner, "now", lambda: now() + 24 * 3600 + 60)  # the worker's clock, a day later
+        return answered
+
+    monkeypatch.setattr(runner, "_answer_line", the_day_passes_during_the_first)
+    assert run_worker(gateway, batch.id) == "done"
+    done = acme.batches.retrieve(batch.id)
+    assert done.status == "expired" and done.expired_at and done.expired_at >= done.expires_at
+    assert done.cancelled_at is None and done.completed_at is None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 1, 2)
+    assert [line["custom_id"] for line in lines_of(acme, done.output_file_id)] == ["line-0"]
+    assert done.usage.output_tokens > 0  # the answered request's tokens count
+    errors = lines_of(acme, done.error_file_id)
+    assert [(line["custom_id"], line["error"]["code"], line["response"]) for line in errors] == [
+        ("line-1", "batch_expired", None), ("line-2", "batch_expired", None)]
+    with pytest.raises(openai.ConflictError):
+        acme.batches.cancel(batch.id)
+    messages = [event.message for event in acme.fine_tuning.jobs.list_events(batch.id, limit=50).data]
+    assert any(message.startswith("Batch expired") for message in messages)

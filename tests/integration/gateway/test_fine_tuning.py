@@ -185,3 +185,17 @@ def test_a_job_can_continue_from_a_fine_tuned_model(gateway: Gateway, acme, glob
     other = upload(client=globex)
     body = _bad_request(globex.fine_tuning.jobs.create, model=name, training_file=other.id)
     assert (body["param"], body["code"]) == ("model", "model_not_found")
+
+
+def test_a_job_names_only_a_declared_gpu_class_and_the_gpus_a_trainer_owns(acme, upload) -> None:  # noqa: ANN001
+    training = upload()
+    unknown = _bad_request(acme.fine_tuning.jobs.create, model=SMOLLM2, training_file=training.id,
+                           hyperparameters={"gpu_class": "a100-80gb"})
+    assert unknown["param"] == "hyperparameters.gpu_class"
+    assert "Unknown GPU class 'a100-80gb'" in unknown["message"]
+    too_many = _bad_request(acme.fine_tuning.jobs.create, model=SMOLLM2, training_file=training.id,
+                            method={"type": "supervised", "supervised": {"hyperparameters": {"num_gpus": 2}}})
+    assert too_many["param"] == "hyperparameters.num_gpus" and "at most 1 GPU" in too_many["message"]
+    malformed = _bad_request(acme.fine_tuning.jobs.create, model=SMOLLM2, training_file=training.id,
+                             hyperparameters={"gpu_class": "x2"})
+    assert malformed["param"] == "hyperparameters.gpu_class" and "GPU count" in malformed["message"]

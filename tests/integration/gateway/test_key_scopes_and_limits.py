@@ -48,9 +48,10 @@ def test_each_scope_opens_its_routes_only(limited: Gateway) -> None:
     chat = openai_client(limited, inference).chat.completions.create(model=SMOLLM2, messages=MESSAGES, max_tokens=1)
     assert chat.choices[0].message.content is not None
     assert ollama.Client(host=limited.url, headers={"Authorization": f"Bearer {inference}"}).list().models
-    with pytest.raises(openai.PermissionDeniedError) as caught:
-        openai_client(limited, inference).files.list()
+    with pytest.raises(openai.PermissionDeniedError) as caught:  # training data is the fine-tune scope's
+        openai_client(limited, inference).files.create(file=("t.jsonl", b"{}\n"), purpose="fine-tune")
     assert caught.value.body["code"] == "permission_denied" and "fine-tune" in caught.value.message
+    assert openai_client(limited, inference).files.list().data == []  # batch files only, and it has none
     with pytest.raises(openai.PermissionDeniedError):
         openai_client(limited, fine_tune).chat.completions.create(model=SMOLLM2, messages=MESSAGES, max_tokens=1)
     assert openai_client(limited, fine_tune).files.list().data == []

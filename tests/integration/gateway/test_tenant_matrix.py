@@ -124,7 +124,7 @@ NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
     # model keys (base, fine_tuned, gguf:<variant>), metric names and labels: words, not objects
     ("POST", "/v1/fine_tuning/jobs/{job_id}/evaluations"): {"models", "metrics", "labels"},
     ("POST", "/v1/models/{model}/evaluations"): {"models", "metrics", "labels"},
-    ("POST", "/v1/batches"): {"endpoint", "completion_window", "metadata"},
+    ("POST", "/v1/batches"): {"endpoint", "completion_window", "metadata", "output_expires_after"},
 }
 # the body a route whose path names the object needs to reach its lookup (without one it is a 400 for any id)
 PATH_BODIES: dict[tuple[str, str], dict[str, Any]] = {

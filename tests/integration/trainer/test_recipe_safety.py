@@ -215,3 +215,31 @@ def test_a_worker_asked_to_stop_checkpoints_and_hands_the_job_back(model_cache: 
     assert run_stage(runtime, job_id, "train", train_job) == "done"
     assert f"Resuming from checkpoint at step {stopped_at}" in _messages(runtime, job_id)
     assert max(training_metrics(runtime, job_id)) == 6
+
+
+def test_a_full_disk_at_a_checkpoint_fails_the_job_clearly_and_publishes_nothing(
+        model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The work folder fills while the Trainer writes its first checkpoint (ENOSPC injected there: a tmpfs small
+    enough to fill at that point would also stop the base model's copy first): the job fails with ``disk_full``
+    and no path, and no checkpoint or adapter reaches the store or the checkpoint table."""
+    import errno
+
+    import transformers
+
+    from tests.integration.trainer.conftest import checkpoint_rows
+
+    def disk_full(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "work" / "checkpoint-2"))
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", disk_full)
+    runtime = make_runtime(tmp_path / "home", model_cache, work_dir=tmp_path / "work")
+    job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "max_steps": 4}, validation=False)
+    stored_before = {info.key for info in runtime.store.list("")}
+    assert run_stage(runtime, job_id, "train", train_job) == "failed"
+    job = job_row(runtime, job_id)
+    assert job.error["code"] == "disk_full" and "ran out of disk space" in job.error["message"]
+    assert str(tmp_path) not in job.error["message"]
+    # the live metrics files (what the job showed while it ran) stay; no checkpoint and no adapter was published
+    added = {info.key for info in runtime.store.list("")} - stored_before
+    assert not any("checkpoint" in key or key.startswith(adapter_prefix(job.tenant_id, job_id)) for key in added), added
+    assert checkpoint_rows(runtime, job_id) == [] and job.fine_tuned_model is None

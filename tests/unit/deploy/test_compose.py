@@ -10,9 +10,10 @@ import yaml
 from pydantic import ValidationError
 
 from afina.core.settings import Settings
+from tests.support.environment import settings_from_environment
 from tests.unit.deploy.conftest import ROOT, run, tool
 
-AFINA_SERVICES = {"gateway", "ingest", "trainer", "exporter", "evaluator"}
+AFINA_SERVICES = {"gateway", "ingest", "trainer", "exporter", "evaluator", "batcher"}
 INFRASTRUCTURE = {"postgres", "redis", "minio", "ollama", "prometheus", "grafana", "redis-exporter"}
 ONE_SHOTS = {"minio-init", "migrate"}
 
@@ -37,13 +38,15 @@ def stack() -> dict:
 
 @pytest.fixture(scope="module")
 def gpu_stack() -> dict:
-    return compose_config("--profile", "gpu")
+    return compose_config("--profile", "gpu", "--profile", "gpu-x2")
 
 
 def test_the_whole_stack_is_there(stack: dict, gpu_stack: dict) -> None:
     assert AFINA_SERVICES | INFRASTRUCTURE | ONE_SHOTS <= set(stack["services"])
-    assert "trainer-gpu" not in stack["services"]
-    assert set(gpu_stack["services"]) == set(stack["services"]) | {"trainer-gpu"}
+    assert not {"trainer-gpu0", "trainer-gpu1"} & set(stack["services"])
+    assert set(gpu_stack["services"]) == set(stack["services"]) | {"trainer-gpu0", "trainer-gpu1"}
+    one_gpu = compose_config("--profile", "gpu")
+    assert set(one_gpu["services"]) == set(stack["services"]) | {"trainer-gpu0"}
 
 
 def test_every_long_running_service_has_a_health_check_and_waits_for_healthy_dependencies(gpu_stack: dict) -> None:
@@ -55,7 +58,8 @@ def test_every_long_running_service_has_a_health_check_and_waits_for_healthy_dep
         for dependency, condition in (service.get("depends_on") or {}).items():
             expected = "service_completed_successfully" if dependency in ONE_SHOTS else "service_healthy"
             assert condition["condition"] == expected, (name, dependency)
-    for worker in ("gateway", "ingest", "trainer", "trainer-gpu", "exporter", "evaluator"):
+    for worker in ("gateway", "ingest", "trainer", "trainer-gpu0", "trainer-gpu1", "exporter", "evaluator",
+                   "batcher"):
         depends = gpu_stack["services"][worker]["depends_on"]
         assert {"postgres", "redis", "minio", "minio-init", "migrate"} <= set(depends), worker
 
@@ -90,13 +94,18 @@ def test_the_services_use_ollama_and_share_one_registry_broker_and_store(stack: 
         assert environment["AFINA_METRICS_HOST"] == "0.0.0.0", name  # Prometheus scrapes from another container
 
 
-def test_the_trainer_reserves_a_gpu_only_under_the_gpu_profile(stack: dict, gpu_stack: dict) -> None:
+def test_each_gpu_trainer_is_pinned_to_its_own_gpu_only_under_the_gpu_profiles(stack: dict, gpu_stack: dict) -> None:
     cpu = stack["services"]["trainer"]
     assert "resources" not in cpu.get("deploy", {}) and cpu["environment"]["AFINA_TRAINER_DEVICE"] == "cpu"
-    gpu = gpu_stack["services"]["trainer-gpu"]
-    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["capabilities"] == ["gpu"] and device["count"] == 1 and device["driver"] == "nvidia"
-    assert gpu["environment"]["AFINA_TRAINER_DEVICE"] == "cuda" and gpu["profiles"] == ["gpu"]
+    pinned = []
+    for name, profile in [("trainer-gpu0", "gpu"), ("trainer-gpu1", "gpu-x2")]:
+        gpu = gpu_stack["services"][name]
+        (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia" and "count" not in device
+        pinned += device["device_ids"]
+        assert gpu["environment"]["AFINA_TRAINER_DEVICE"] == "cuda" and gpu["profiles"] == [profile]
+        assert {"AFINA_GPU_CLASSES", "AFINA_GPU_CLASS", "AFINA_DEFAULT_GPU_CLASS"} <= set(gpu["environment"])
+    assert pinned == ["0", "1"]  # one job per GPU: no two trainers share a device
     # a GPU host turns the CPU trainer off from .env
     assert compose_config(env={"AFINA_CPU_TRAINERS": "0"})["services"]["trainer"]["deploy"]["replicas"] == 0
 
@@ -127,13 +136,14 @@ def test_env_example_names_every_variable_the_compose_file_reads() -> None:
 
 
 def _settings_from(environment: dict[str, str]) -> Settings:
-    return Settings(**{key[len("AFINA_"):].lower(): value for key, value in environment.items()
-                       if key.startswith("AFINA_") and key[len("AFINA_"):].lower() in Settings.model_fields})
+    return settings_from_environment(environment)
 
 
-def test_the_stack_defaults_start_in_local_mode(stack: dict) -> None:
-    for name in AFINA_SERVICES:
-        _settings_from(stack["services"][name]["environment"])  # raises on a refused setting
+def test_the_stack_defaults_start_in_local_mode(gpu_stack: dict) -> None:
+    afina = [name for name, service in gpu_stack["services"].items() if "AFINA_HOME" in service.get("environment", {})]
+    assert AFINA_SERVICES | {"trainer-gpu0", "trainer-gpu1"} <= set(afina)
+    for name in afina:  # each raises on a refused setting (an empty GPU class is none, "{}" no classes)
+        assert _settings_from(gpu_stack["services"][name]["environment"]).environment == "local"
 
 
 def test_production_with_the_placeholder_secrets_is_refused_naming_the_variable() -> None:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from afina.core.queue.names import QUEUE_EVALUATE, QUEUE_EXPORT, QUEUE_INGEST, QUEUE_TRAIN
 from afina.core.settings import Settings
+from tests.support.environment import settings_from_environment
 from tests.support.k8s_rules import check_keda, check_manifests, pod_template, worker_queues
 from tests.unit.deploy.conftest import OVERLAYS, ROOT, render_overlay
 
@@ -235,8 +236,7 @@ def _gateway_environment(objects: list[Obj]) -> dict[str, str]:
 
 
 def _settings(environment: dict[str, str]) -> Settings:
-    return Settings(**{key[len("AFINA_"):].lower(): value for key, value in environment.items()
-                       if key.startswith("AFINA_") and key[len("AFINA_"):].lower() in Settings.model_fields})
+    return settings_from_environment(environment)
 
 
 def test_production_with_the_committed_placeholder_secrets_is_refused_naming_the_variable(rendered: dict) -> None:

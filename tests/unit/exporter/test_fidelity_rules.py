@@ -141,8 +141,64 @@ def test_a_near_tie_is_reported_and_counted_as_agreeing_only_within_the_margin()
     assert report.passed and report.variants["f16"].agreement == 0.75 and report.variants["f16"].near_ties == 1
     with pytest.raises(FidelityFailed, match=r"on 3/4 held-out prompts \(agreement 0.75\); the limit is "
                                              r"min_agreement 0.95"):
-        judge(tolerances=TOLERANCES, reference=reference_run, reference_dtype="float32",
-              runs={"f16": run(f16, None)}, ggufs=GGUFS, encoded=PROMPTS, text_ids=[])
+        judge(tolerances=TOLERANCES.model_copy(update={"min_disagreements": 1}), reference=reference_run,
+              reference_dtype="float32", runs={"f16": run(f16, None)}, ggufs=GGUFS, encoded=PROMPTS, text_ids=[])
+
+
+# the gate on a tiny held-out set (a job with 2 test conversations): the rule of afina.core.settings' fidelity_*
+TWO_PROMPTS = PROMPTS[:2]
+SMALL_SET = FidelityTolerances(tokens=4, min_agreement=0.95, min_variant_agreement=0.0, max_perplexity_ratio=1.5,
+                               near_tie_margin=0.05, min_disagreements=2)
+
+
+def reference_with_a_flat_step(margin: float) -> ModelRun:
+    """The merged model's greedy tokens on 2 prompts; on the first, at position 1, its top token (7) led the
+    runner-up (6) by ``margin`` logits."""
+    flat = Greedy(tokens=[5, 7, 8, 9], runner_ups=[99, 6, 99, 99], margins=[3.0, margin, 3.0, 3.0])
+    return ModelRun(greedy=[flat, greedy([4, 3, EOS])], perplexity=None, seconds=1.0, tokenization_mismatches=[],
+                    problems=[])
+
+
+def test_a_small_set_whose_only_divergence_starts_at_a_near_tie_of_the_merged_model_passes() -> None:
+    # f16 took the runner-up where the merged model's top two were 0.03 logits apart, and went its own way after
+    f16 = run([[5, 6, 1, 1], [4, 3, EOS]], None)
+    report = judge(tolerances=SMALL_SET, reference=reference_with_a_flat_step(0.03), reference_dtype="float32",
+                   runs={"f16": f16}, ggufs=GGUFS, encoded=TWO_PROMPTS, text_ids=[])
+    figures = report.variants["f16"]
+    assert report.passed and report.warnings == []
+    assert (figures.agreement, figures.near_ties) == (0.5, 1)  # the exact share is reported as measured
+    [mismatch] = figures.mismatches
+    assert (mismatch.prompt, mismatch.position, mismatch.expected, mismatch.actual, mismatch.near_tie) == \
+        (0, 1, 7, 6, True)
+    assert mismatch.expected_margin == 0.03
+
+
+def test_a_real_divergence_on_a_small_set_fails() -> None:
+    # every prompt leaves the merged model's path where it was sure of its token (a lead of 3 logits)
+    other = run([[5, 0, 0, 0], [4, 0, EOS]], None)
+    with pytest.raises(FidelityFailed) as caught:
+        judge(tolerances=SMALL_SET, reference=reference_with_a_flat_step(0.03), reference_dtype="float32",
+              runs={"f16": other}, ggufs=GGUFS, encoded=TWO_PROMPTS, text_ids=[])
+    assert "the f16 GGUF gives the trained model's first 4 greedy tokens on 0/2 held-out prompts (agreement 0); " \
+           "the limit is min_agreement 0.95" in caught.value.message
+    assert caught.value.report.variants["f16"].near_ties == 0
+
+
+def test_a_divergence_beyond_the_margin_is_real_and_one_alone_is_only_a_warning() -> None:
+    # the same flat step, but 0.2 logits apart: beyond the 0.05 margin, so a real divergence on 1 of 2 prompts
+    f16 = run([[5, 6, 1, 1], [4, 3, EOS]], None)
+    reference = reference_with_a_flat_step(0.2)
+    report = judge(tolerances=SMALL_SET, reference=reference, reference_dtype="float32", runs={"f16": f16},
+                   ggufs=GGUFS, encoded=TWO_PROMPTS, text_ids=[])
+    assert report.passed and report.variants["f16"].near_ties == 0
+    assert report.warnings == [
+        "the f16 GGUF gives the trained model's first 4 greedy tokens on 1/2 held-out prompts (agreement 0.5); the "
+        "limit is min_agreement 0.95, tolerated: 1 disagreeing prompt(s), and the gate fails from 2 (too few "
+        "held-out prompts to tell one stray divergence from a different model)"]
+    # with min_disagreements 1 (the share alone decides) the same run fails
+    with pytest.raises(FidelityFailed, match=r"on 1/2 held-out prompts \(agreement 0.5\)"):
+        judge(tolerances=SMALL_SET.model_copy(update={"min_disagreements": 1}), reference=reference,
+              reference_dtype="float32", runs={"f16": f16}, ggufs=GGUFS, encoded=TWO_PROMPTS, text_ids=[])
 
 
 def test_the_gate_needs_the_f16_gguf_and_held_out_prompts(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from afina.core.db.models import Job
 from afina.core.queue.names import SERVICE_QUEUES, SERVICE_TASK_MODULES, STAGE_TASKS, TASK_RUN_BATCH
 from afina.core.runtime import Runtime
 from afina.core.settings import Settings
-from afina.gateway.batches.runner import LineRefused, parse_line
+from afina.gateway.batches.runner import EXPIRED_ERROR, LineRefused, expired_line, parse_line
 from afina.gateway.batches.service import to_batch
 
 CHAT = "/v1/chat/completions"
@@ -64,3 +64,41 @@ def test_a_custom_id_may_be_used_once() -> None:
     with pytest.raises(LineRefused, match="earlier line") as refused:
         parse_line(line(), CHAT, seen)
     assert refused.value.code == "duplicate_custom_id" and refused.value.custom_id == "a"
+
+
+def test_a_request_the_window_left_unrun_keeps_its_custom_id_when_it_has_one() -> None:
+    assert expired_line(line(custom_id="late"))["custom_id"] == "late"
+    assert expired_line(b"{oops")["custom_id"] is None
+    assert expired_line(line())["error"] == {"code": "batch_expired", "message": EXPIRED_ERROR["message"]}
+    assert expired_line(line())["response"] is None
+
+
+def test_a_stopped_batch_with_expired_at_is_expired_and_its_usage_is_summed() -> None:
+    spec = BatchSpec(endpoint=CHAT, input_file_id="file-x")
+    spec.progress.expired_at, spec.progress.prompt_tokens, spec.progress.completion_tokens = 1_000, 30, 12
+    job = Job(id="batch_x", tenant_id="acme", model=CHAT, status="cancelled", created_at=100, finished_at=1_000,
+              method=spec.method(), kind=BATCH_KIND)
+    batch = to_batch(job)
+    assert batch.status == "expired" and batch.expired_at == 1_000 and batch.cancelled_at is None
+    assert batch.expires_at == 100 + 24 * 3600
+    assert (batch.usage.input_tokens, batch.usage.output_tokens, batch.usage.total_tokens) == (30, 12, 42)
+    spec.progress.expired_at = None
+    job.method = spec.method()
+    assert to_batch(job).status == "cancelled"
+
+
+def test_batch_files_open_to_the_inference_scope_and_training_files_do_not() -> None:
+    from afina.core.errors import PermissionDenied
+    from afina.core.keys import KeyGrant
+    from afina.gateway.files.service import check_file_scope
+
+    inference = KeyGrant(tenant_id="acme", prefix="afk-i", scopes=("inference",))
+    fine_tune = KeyGrant(tenant_id="acme", prefix="afk-f", scopes=("fine-tune",))
+    for purpose in ("batch", "batch_output"):
+        check_file_scope(inference, purpose)
+        check_file_scope(fine_tune, purpose)
+    for purpose in ("fine-tune", "fine-tune-results"):
+        check_file_scope(fine_tune, purpose)
+        with pytest.raises(PermissionDenied, match="'fine-tune' scope"):
+            check_file_scope(inference, purpose)
+    check_file_scope(None, "fine-tune")  # a worker, no key

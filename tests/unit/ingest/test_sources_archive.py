@@ -16,10 +16,11 @@ from typing import Any
 import orjson
 import pytest
 
+from afina.core.datasets import formats as limits
 from afina.core.datasets.options import IngestOptions
 from afina.core.errors import DatasetInvalid
 from afina.ingest.records import SourceRow
-from afina.ingest.sources import PAIRED_MEMBER_KEY, PAIRED_TEXT_KEY, limits, open_rows
+from afina.ingest.sources import PAIRED_MEMBER_KEY, PAIRED_TEXT_KEY, open_rows
 
 GiB = 1024 ** 3
 

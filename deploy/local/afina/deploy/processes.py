@@ -19,6 +19,7 @@ class ManagedProcess:
     pid: int
     log: str
     port: int | None = None
+    gpus: str | None = None  # the CUDA devices a trainer is pinned to (CUDA_VISIBLE_DEVICES), when any
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,14 +97,47 @@ def worker_command(services: list[str]) -> list[str]:
             "-n", f"{'-'.join(services)}@%h"]
 
 
-def start_worker(state: StackState, services: list[str], name: str | None = None) -> ManagedProcess:
+def start_worker(state: StackState, services: list[str], name: str | None = None,
+                 gpus: str | None = None) -> ManagedProcess:
+    """A worker process for ``services``; pinned to the CUDA devices ``gpus`` ("0", "2,3") when given."""
     env = dict(state.env)
     env["AFINA_WORKER_SERVICES"] = ",".join(services)
     env["AFINA_METRICS_PORT"] = str(free_port())
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     process = spawn(name or "worker-" + "-".join(services), worker_command(services), env,
                     Path(state.home) / "logs", port=int(env["AFINA_METRICS_PORT"]))
+    process.gpus = gpus
     wait_ready(process, lambda: port_open(process.port), 180)
     return process
+
+
+def visible_gpus(env: dict[str, str]) -> list[str]:
+    """The CUDA devices this host lets the stack use: ``CUDA_VISIBLE_DEVICES`` when set, else what
+    ``nvidia-smi`` lists (none on a machine without it)."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [device.strip() for device in env["CUDA_VISIBLE_DEVICES"].split(",") if device.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listed.splitlines() if line.strip()]
+
+
+def trainer_groups(gpus: list[str], gpus_per_worker: int) -> list[str]:
+    """The GPUs of each trainer worker: one worker per ``gpus_per_worker`` devices (a remainder too small for
+    a worker stays unused), so that jobs run side by side, one per GPU (or per group, for data parallel)."""
+    size = max(1, gpus_per_worker)
+    return [",".join(gpus[start:start + size]) for start in range(0, len(gpus) - size + 1, size)]
+
+
+def start_trainers(state: StackState) -> list[ManagedProcess]:
+    """One trainer per GPU group of this host (``trainer-gpu0``, …), or one CPU trainer where there is none."""
+    groups = trainer_groups(visible_gpus(state.env), int(state.env.get("AFINA_GPUS_PER_WORKER", "1")))
+    if not groups:
+        return [start_worker(state, ["trainer"], name="trainer")]
+    return [start_worker(state, ["trainer"], name=f"trainer-gpu{group}", gpus=group) for group in groups]
 
 
 def start_gateway(state: StackState, port: int) -> ManagedProcess:
@@ -172,7 +206,10 @@ def up_services(home: Path, port: int | None = None, tenant: str = "default") ->
             state.processes.append(_start_seaweedfs(state))
         state.api_key = _bootstrap_key(state.env, tenant)
         for service in WORKER_SERVICES:
-            state.processes.append(start_worker(state, [service], name=service))
+            if service == "trainer":
+                state.processes.extend(start_trainers(state))
+            else:
+                state.processes.append(start_worker(state, [service], name=service))
         state.processes.append(start_gateway(state, port))
     except BaseException:
         _stop_all(state)
@@ -181,14 +218,17 @@ def up_services(home: Path, port: int | None = None, tenant: str = "default") ->
     return state
 
 
-def restart_worker(home: Path, service: str) -> ManagedProcess:
-    """Start ``service``'s worker again (after it died) and record its new PID."""
+def restart_worker(home: Path, name: str) -> ManagedProcess:
+    """Start the worker ``name`` (a service, or ``trainer-gpu<N>``) again after it died and record its new PID."""
     state = load_state(home.resolve())
     if state is None:
         raise RuntimeError(f"no stack is running from {home}")
-    names = list(WORKER_SERVICES) if state.mode == "embedded" else [service]
-    name = "worker" if state.mode == "embedded" else service
-    process = start_worker(state, names, name=name)
+    if state.mode == "embedded":
+        services, name, gpus = list(WORKER_SERVICES), "worker", None
+    else:
+        known = next((p for p in state.processes if p.name == name), None)
+        services, gpus = [name.split("-gpu")[0]], known.gpus if known is not None else None
+    process = start_worker(state, services, name=name, gpus=gpus)
     state.processes = [p for p in state.processes if p.name != name] + [process]
     state.save()
     return process

@@ -48,6 +48,7 @@ from afina.core.evaluation_jobs import EvaluationSpec, add_publish_job
 from afina.core.logging import log_event
 from afina.core.queue import outbox
 from afina.core.queue.jobs import JobContext
+from afina.core.reports import REPORT_PAGES
 from afina.core.store import ArtifactStore
 from afina.core.store.base import sha256_file
 from afina.core.training.lifecycle import job_base_model
@@ -69,7 +70,6 @@ from afina.evaluator.scoring import ModelPlan, ScoringInputs, fit_context, score
 log = logging.getLogger("afina.evaluator")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-REPORT_PAGES = {"report.md": False, "report.html": True}  # the job's report pages (name -> is HTML)
 SUMMARY_CSV, PREDICTIONS_JSONL = "evaluation_summary.csv", "predictions.jsonl"
 SECTION_MD, SECTION_HTML = "evaluation.md", "evaluation.html"
 CHART_OVERVIEW, CHART_CONFUSION = "metrics_overview.png", "confusion_matrix.png"

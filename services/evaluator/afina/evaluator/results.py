@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 from afina.core.artifacts.evaluation import LossGap, ModelEvaluation, QualityGate
-from afina.core.reports import Block, html_blocks, markdown_blocks
+from afina.core.reports import Block, html_section, markdown_section
+from afina.core.reports import splice_section as splice_named_section
 from afina.evaluator.examples import Example
 from afina.evaluator.metrics.classification import match_label
 from afina.evaluator.metrics.text import ExampleScores
@@ -26,7 +27,7 @@ TABLE_METRICS = (("loss", "loss"), ("perplexity", "perplexity"), ("exact_match",
                  ("normalized_exact_match", "norm. EM"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"),
                  ("bleu", "BLEU"), ("chrf", "chrF"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
                  ("macro_auc", "macro AUC"))
-SECTION_START, SECTION_END = "<!-- afina:evaluation:start -->", "<!-- afina:evaluation:end -->"
+SECTION = "evaluation"  # its markers in the job's report pages
 
 
 def figure(value: float | None) -> str:
@@ -96,13 +97,11 @@ def section_blocks(*, split: str, examples: int, task: str, labels: list[str] | 
 
 
 def render_markdown_section(blocks: list[Block], image_prefix: str) -> str:
-    lines = [SECTION_START, "## Evaluation", "", *markdown_blocks(blocks, image_prefix), SECTION_END]
-    return "\n".join(lines) + "\n"
+    return markdown_section(SECTION, "Evaluation", blocks, image_prefix)
 
 
 def render_html_section(blocks: list[Block], images: dict[str, bytes]) -> str:
-    out = [SECTION_START, "<h2>Evaluation</h2>", *html_blocks(blocks, images), SECTION_END]
-    return "\n".join(out) + "\n"
+    return html_section(SECTION, "Evaluation", blocks, images)
 
 
 def standalone_html(title: str, section: str) -> str:
@@ -113,12 +112,5 @@ def standalone_html(title: str, section: str) -> str:
 
 
 def splice_section(page: str, section: str, *, html_page: bool) -> str:
-    """The page with its evaluation section replaced (a later evaluation) or added (at the end, before
-    ``</body>`` in HTML)."""
-    start, end = page.find(SECTION_START), page.find(SECTION_END)
-    if start != -1 and end > start:
-        return page[:start] + section.rstrip("\n") + page[end + len(SECTION_END):]
-    if html_page and "</body>" in page:
-        at = page.rindex("</body>")
-        return page[:at] + section + page[at:]
-    return page.rstrip("\n") + "\n\n" + section
+    """The page with its evaluation section replaced (a later evaluation) or added (at the end)."""
+    return splice_named_section(page, section, name=SECTION, html_page=html_page)

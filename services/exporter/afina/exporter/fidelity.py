@@ -7,6 +7,11 @@ tokens are the reference; the f16 GGUF must give the same first ``tokens`` token
 agreement (at least ``min_variant_agreement``) and its perplexity on validation texts as a multiple
 of f16's (at most ``max_perplexity_ratio``).
 
+Small held-out sets: a prompt whose tokens first differ at a near tie of the compared-with side (its
+top-2 logits within ``near_tie_margin``, the token taken being its runner-up) still agrees — a 16-bit
+copy rounds such a tie either way — and an agreement limit fails only once ``min_disagreements``
+prompts (2) disagree beyond near ties: on 2 or 16 prompts, 95% is otherwise broken by one prompt.
+
 Both sides get the SAME token ids: every prompt is rendered with the family's stock template and
 tokenized once by the trained tokenizer, and those ids are fed to transformers and to llama.cpp
 alike, so a template or tokenizer difference cannot pass for a model difference. Whether llama.cpp's
@@ -40,6 +45,10 @@ from afina.exporter.verify import VERIFY_THREADS, load_hf_tokenizer
 
 BASE_VARIANT = "f16"
 DEFAULT_TOKENS = 32
+# the fewest prompts that must disagree (beyond near ties) for an agreement limit to fail the export: with the
+# default 16 held-out prompts (or the 2 of a tiny job) a 95% share is broken by ONE divergence, which a single
+# prompt whose greedy path runs through a flat stretch of the distribution gives; two are evidence
+MIN_DISAGREEMENTS = 2
 MAX_PROMPT_TOKENS = 1024
 MAX_TEXT_TOKENS = 512
 LOGSUMEXP_ROWS = 64  # rows of logits turned into log-probabilities at once (bounds the float64 copy)
@@ -94,7 +103,7 @@ class ModelRun:
 def check_fidelity(*, merged_dir: Path, ggufs: dict[str, Path], family: ChatFamily, prompts: Sequence[Messages],
                    texts: Sequence[str], tokens: int = DEFAULT_TOKENS, min_agreement: float = 0.95,
                    min_variant_agreement: float, max_perplexity_ratio: float, near_tie_margin: float = 0.0,
-                   threads: int | None = None,
+                   min_disagreements: int = MIN_DISAGREEMENTS, threads: int | None = None,
                    max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_text_tokens: int = MAX_TEXT_TOKENS,
                    check_continue: Callable[[], None] | None = None) -> FidelityReport:
     """Measure every GGUF in ``ggufs`` (variant -> file, with ``"f16"``) against the merged model in ``merged_dir``.
@@ -104,12 +113,15 @@ def check_fidelity(*, merged_dir: Path, ggufs: dict[str, Path], family: ChatFami
     template (for perplexity). Returns the report when every figure is within its limit; raises
     ``FidelityFailed`` (carrying the report) naming each variant, figure and limit otherwise. A prompt that
     first differs where the compared-with side's token led the one taken by at most ``near_tie_margin``
-    logits counts as agreeing (0, the default: only exact ties); every such prompt is reported.
+    logits counts as agreeing (0, the default: only exact ties); every such prompt is reported. An agreement
+    limit fails the export only when at least ``min_disagreements`` prompts disagree beyond near ties (a
+    share below the limit with fewer is a warning in the report).
     ``check_continue`` is called between prompts (cooperative cancellation).
     """
     tolerances = FidelityTolerances(tokens=tokens, min_agreement=min_agreement,
                                     min_variant_agreement=min_variant_agreement,
-                                    max_perplexity_ratio=max_perplexity_ratio, near_tie_margin=near_tie_margin)
+                                    max_perplexity_ratio=max_perplexity_ratio, near_tie_margin=near_tie_margin,
+                                    min_disagreements=min_disagreements)
     if BASE_VARIANT not in ggufs:
         raise ExportFailed(f"the fidelity gate needs the f16 GGUF (got {sorted(ggufs)})")
     if not prompts:
@@ -132,7 +144,13 @@ def check_fidelity(*, merged_dir: Path, ggufs: dict[str, Path], family: ChatFami
 
 def judge(*, tolerances: FidelityTolerances, reference: ModelRun, reference_dtype: str, runs: dict[str, ModelRun],
           ggufs: dict[str, Path], encoded: Sequence[EncodedPrompt], text_ids: Sequence[list[int]]) -> FidelityReport:
-    """Turn the runs into figures, apply the limits, and raise ``FidelityFailed`` when any is broken."""
+    """Turn the runs into figures, apply the limits, and raise ``FidelityFailed`` when any is broken.
+
+    The agreement rule: a prompt agrees when its greedy tokens are the compared-with side's, or first differ at a
+    near tie of that side (its top token led the one taken by at most ``near_tie_margin`` logits: the merged
+    model's logits for f16, f16's for a quantized variant). A variant fails when its share of agreeing prompts is
+    below the limit AND at least ``min_disagreements`` prompts disagree.
+    """
     base = runs[BASE_VARIANT]
     n = len(encoded)
     variants: dict[str, VariantFidelity] = {}
@@ -148,13 +166,20 @@ def judge(*, tolerances: FidelityTolerances, reference: ModelRun, reference_dtyp
         ratio = None if run.perplexity is None or base.perplexity is None else run.perplexity / base.perplexity
         problems = list(run.problems)
         limit = tolerances.min_agreement if is_base else tolerances.min_variant_agreement
-        if (n - len(mismatches) + near_ties) / n < limit:
+        disagreements = len(mismatches) - near_ties
+        if (n - disagreements) / n < limit:
             against = "the trained model's" if is_base else "the f16 GGUF's"
             setting = "min_agreement" if is_base else "min_variant_agreement"
             ties = f"; {near_ties} more first differ at a near tie" if near_ties else ""
-            problems.append(f"the {variant} GGUF gives {against} first {tolerances.tokens} greedy tokens on "
-                            f"{n - len(mismatches)}/{n} held-out prompts (agreement {agreement:.4g}{ties}); the "
-                            f"limit is {setting} {limit:g}")
+            shortfall = (f"the {variant} GGUF gives {against} first {tolerances.tokens} greedy tokens on "
+                         f"{n - len(mismatches)}/{n} held-out prompts (agreement {agreement:.4g}{ties}); the "
+                         f"limit is {setting} {limit:g}")
+            if disagreements >= tolerances.min_disagreements:
+                problems.append(shortfall)
+            else:
+                warnings.append(f"{shortfall}, tolerated: {disagreements} disagreeing prompt(s), and the gate fails "
+                                f"from {tolerances.min_disagreements} (too few held-out prompts to tell one stray "
+                                "divergence from a different model)")
         if not is_base and ratio is not None and ratio > tolerances.max_perplexity_ratio:
             problems.append(f"the {variant} GGUF's perplexity on the validation texts is {ratio:.4f}x the f16 "
                             f"GGUF's ({run.perplexity:.4f} vs {base.perplexity:.4f}); the limit is "

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from afina.core.artifacts import ADAPTER_MARKER, AdapterManifest, ExportManifest, FileEntry, ManifestInvalid
 from afina.core.artifacts.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, read_split_records
 from afina.core.artifacts.export_options import LOW_BIT_VARIANTS
+from afina.core.artifacts.fidelity import VERIFICATION_FILE, ExportVerification, FidelityReport
 from afina.core.catalog import BaseModelSpec
 from afina.core.datasets.layout import adapter_prefix
 from afina.core.errors import ExportFailed
@@ -44,7 +43,8 @@ from afina.exporter.gguf import BASE_GGUF, convert_to_gguf, make_variant, resolv
 from afina.exporter.merge import merge_adapter
 from afina.exporter.modelfile import render_modelfile
 from afina.exporter.publish import publish_model
-from afina.exporter.register import finish_registered, register_export, update_registration
+from afina.exporter.register import finish_registered, record_result_files, register_export, update_registration
+from afina.exporter.report import export_report_files, report_files, section_blocks
 from afina.exporter.target import ExportTarget, export_target
 from afina.exporter.verify import VerificationFailed, load_hf_tokenizer, verify_all
 
@@ -75,7 +75,7 @@ class ExportKeys:
 
     @property
     def verification(self) -> str:
-        return f"{self.prefix}/verification.json"
+        return f"{self.prefix}/{VERIFICATION_FILE}"
 
     @property
     def manifest(self) -> str:
@@ -95,7 +95,9 @@ def export_job(context: JobContext) -> None:
 
     A fine-tuning job exports its own adapter; a re-export job adds variants to (or republishes) the model
     of its source job. Publishing (Ollama, the Hub) comes after registration: a publication that fails is
-    recorded on the model, which stays usable in afina, and never fails the training.
+    recorded on the model, which stays usable in afina, and never fails the training. A fine-tuning job is
+    ``succeeded`` as soon as its model is registered; a re-export once its publications were tried, so that
+    whoever follows it sees where the model was published.
     """
     runtime = context.runtime
     settings = runtime.settings
@@ -125,14 +127,21 @@ def export_job(context: JobContext) -> None:
         manifest = build_export(context, target, spec, keys, serve=serve)
 
     context.check_continue()
+    # the figures in the job's report, and verification.json with its result files (recorded with the model)
+    report_files = export_report_files(runtime.store, manifest, tenant_id=target.tenant_id,
+                                       job_id=target.source_job_id)
     served = manifest.served(target.adapter, keys.manifest)
     if target.reexport:
-        update_registration(context, target.model_name, served,
-                            message=f"Model {target.model_name} exported again (serving {manifest.serve.upper()})")
-    else:
-        register_export(context, served,
-                        message=f"Fine-tuned model {target.model_name} is ready (serving {manifest.serve.upper()})",
-                        publish_after_gate=publication_waits_for_gate(settings, target))
+        # a re-export is over when what it asked for is published: its caller (``afina export``) waits for that
+        update_registration(context, target.model_name, served, result_files=report_files)
+        log_event(log, "export.registered", job_id=job.id, model=target.model_name, serve=manifest.serve)
+        publish_model(context, target)
+        context.set_status("succeeded", f"Model {target.model_name} exported again (serving "
+                                        f"{manifest.serve.upper()})")
+        return None
+    register_export(context, served,
+                    message=f"Fine-tuned model {target.model_name} is ready (serving {manifest.serve.upper()})",
+                    publish_after_gate=publication_waits_for_gate(settings, target), result_files=report_files)
     log_event(log, "export.registered", job_id=job.id, model=target.model_name, serve=manifest.serve)
     if publication_waits_for_gate(settings, target):
         context.event("Publishing (Ollama, the Hub) waits for the quality gate of the evaluation "
@@ -235,21 +244,32 @@ def build_export(context: JobContext, target: ExportTarget, spec: BaseModelSpec,
                 report = verify_all(local, family=family, hf_tokenizer=hf_tokenizer)
             except VerificationFailed as exc:
                 # the report is kept for the user to read; without a manifest nothing is served
-                store.put_bytes(keys.verification, orjson.dumps(exc.report, option=orjson.OPT_INDENT_2))
+                ExportVerification.build(**exc.report).write(store, keys.verification)
                 raise
             answer = report["checks"][serve]["completion"]
             note(f"Verified {len(local)} GGUF files: stock template, EOS, prompt tokens, greedy answer "
                  f"({answer[:60]!r})")
-        report["fidelity"] = run_fidelity_gate(context, timings, keys, merged_dir, local, family, hf_tokenizer,
-                                               held_out)
+        from afina.exporter.fidelity import FidelityFailed
+
+        try:
+            fidelity = run_fidelity_gate(context, timings, merged_dir, local, family, hf_tokenizer, held_out)
+        except FidelityFailed as exc:
+            # nothing is registered; the figures go where the user looks: verification.json and the job's report
+            failed = ExportVerification.build(**{**report, "passed": False}, fidelity=exc.report, timings=timings)
+            gguf = {variant: FileEntry(key=keys.gguf(variant), bytes=path.stat().st_size, sha256=sha256_file(path))
+                    for variant, path in local.items()}
+            record_result_files(context, target.source_job_id, report_files(
+                store, section_blocks(gguf, failed, serve=serve), FileEntry.of(failed.write(store, keys.verification)),
+                tenant_id=target.tenant_id, job_id=target.source_job_id))
+            raise
         shutil.rmtree(merged_dir, ignore_errors=True)
 
         modelfile_path = work_dir / "Modelfile"
         modelfile_path.write_text(render_modelfile(gguf_filename(serve), family))
         stored["modelfile"] = store.put_file(keys.modelfile, modelfile_path)
-        report["timings"] = dict(timings)
-        verification_path = work_dir / "verification.json"
-        verification_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        verification_path = work_dir / VERIFICATION_FILE
+        verification_path.write_bytes(ExportVerification.build(**report, fidelity=fidelity,
+                                                               timings=timings).to_json())
         stored["verification"] = store.put_file(keys.verification, verification_path)
 
         def entry(role: str, key: str, path: Path) -> FileEntry:
@@ -298,12 +318,11 @@ def render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     return str(tokenizer.apply_chat_template(messages, tokenize=False))
 
 
-def run_fidelity_gate(context: JobContext, timings: dict[str, float], keys: ExportKeys, merged_dir: Path,
-                      local: dict[str, Path], family: Any, hf_tokenizer: Any,
-                      held_out: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
+def run_fidelity_gate(context: JobContext, timings: dict[str, float], merged_dir: Path, local: dict[str, Path],
+                      family: Any, hf_tokenizer: Any, held_out: list[list[dict[str, Any]]]) -> FidelityReport | None:
     """The GGUFs against the merged model on held-out prompts (``check_fidelity``); the figures, or None when the
-    job has no held-out conversation to compare on (said in an event)."""
-    from afina.exporter.fidelity import FidelityFailed, check_fidelity
+    job has no held-out conversation to compare on (said in an event). ``FidelityFailed`` carries the report."""
+    from afina.exporter.fidelity import check_fidelity
 
     settings = context.runtime.settings
     prompts = [_prompt_of(messages) for messages in held_out]
@@ -313,23 +332,19 @@ def run_fidelity_gate(context: JobContext, timings: dict[str, float], keys: Expo
                       level="warn")
         return None
     with _phase(context, timings, "fidelity") as note:
-        try:
-            fidelity = check_fidelity(
-                merged_dir=merged_dir, ggufs=local, family=family, prompts=prompts,
-                texts=[render(hf_tokenizer, messages) for messages in held_out], tokens=settings.fidelity_tokens,
-                min_agreement=settings.fidelity_min_agreement,
-                min_variant_agreement=settings.fidelity_min_variant_agreement,
-                max_perplexity_ratio=settings.fidelity_max_perplexity_ratio,
-                near_tie_margin=settings.fidelity_near_tie_margin, check_continue=context.check_continue)
-        except FidelityFailed as exc:
-            report = exc.report.model_dump(mode="json") if getattr(exc, "report", None) is not None else {}
-            context.runtime.store.put_bytes(keys.verification, orjson.dumps({"passed": False, "fidelity": report},
-                                                                             option=orjson.OPT_INDENT_2))
-            raise
+        fidelity = check_fidelity(
+            merged_dir=merged_dir, ggufs=local, family=family, prompts=prompts,
+            texts=[render(hf_tokenizer, messages) for messages in held_out], tokens=settings.fidelity_tokens,
+            min_agreement=settings.fidelity_min_agreement,
+            min_variant_agreement=settings.fidelity_min_variant_agreement,
+            max_perplexity_ratio=settings.fidelity_max_perplexity_ratio,
+            near_tie_margin=settings.fidelity_near_tie_margin, check_continue=context.check_continue)
         figures = ", ".join(f"{variant} {values['agreement']:.2%}" for variant, values in fidelity.summary().items()
                             if values.get("agreement") is not None)
         note(f"Fidelity gate passed on {fidelity.prompts} held-out prompt(s): token agreement {figures}")
-    return fidelity.model_dump(mode="json")
+    for warning in fidelity.warnings:
+        context.event(f"Fidelity gate: {warning}", level="warn")
+    return fidelity
 
 
 def _prompt_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

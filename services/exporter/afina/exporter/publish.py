@@ -20,9 +20,11 @@ from afina.core.artifacts import (
     AdapterManifest,
     ExportManifest,
     HubPublication,
+    ManifestInvalid,
     OllamaRegistration,
 )
 from afina.core.artifacts.evaluation import QualityGate
+from afina.core.artifacts.fidelity import ExportVerification, FidelityReport
 from afina.core.catalog import BaseModelSpec
 from afina.core.db.models import Model
 from afina.core.queue.jobs import JobContext
@@ -142,7 +144,7 @@ def _to_hub(context: JobContext, target: ExportTarget, manifest: ExportManifest,
         for entry in adapter.files:
             relative = entry.key[len(prefix):]
             files.append((f"adapter/{relative}", _fetch(context, entry.key, work_dir / "adapter" / relative)))
-    fidelity = _verification(context, manifest).get("fidelity")
+    fidelity = _fidelity(context, manifest)
     with context.runtime.db.session() as session:
         row = session.get(Model, target.model_name)
         gate = QualityGate.model_validate(row.quality_gate) if row is not None and row.quality_gate else None
@@ -167,10 +169,12 @@ def _to_hub(context: JobContext, target: ExportTarget, manifest: ExportManifest,
     return publication
 
 
-def _verification(context: JobContext, manifest: ExportManifest) -> dict:
-    import orjson
-
+def _fidelity(context: JobContext, manifest: ExportManifest) -> FidelityReport | None:
+    """The fidelity gate's report of the export, for the model card; None when the gate was skipped (no held-out
+    prompt) or ``verification.json`` cannot be trusted (said in an event: the card is written without figures
+    rather than not at all)."""
     try:
-        return orjson.loads(context.runtime.store.get_bytes(manifest.verification.key))
-    except Exception:  # noqa: BLE001 - the card is written without figures rather than not at all
-        return {}
+        return ExportVerification.of_entry(context.runtime.store, manifest.verification).fidelity
+    except ManifestInvalid as exc:
+        context.event(f"The model card has no fidelity figures: {exc.message}", level="warn")
+        return None

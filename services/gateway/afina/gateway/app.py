@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from anyio import to_thread
-from fastapi import FastAPI, Response
+from fastapi import APIRouter, FastAPI, Response
 
 from afina.core.logging import configure_logging, log_event
 from afina.core.metrics import render_latest
@@ -26,8 +27,7 @@ from afina.gateway.errors import install_error_handlers, log
 from afina.gateway.evaluations.router import router as evaluations_router
 from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
-from afina.gateway.limits import RequestLimitsMiddleware
-from afina.gateway.middleware import MetricsMiddleware, RateLimitHeadersMiddleware
+from afina.gateway.middleware import GatewayMiddleware
 from afina.gateway.models.router import router as models_router
 from afina.gateway.ollama.router import root_router as ollama_root_router
 from afina.gateway.ollama.router import router as ollama_router
@@ -69,9 +69,8 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
-    app.add_middleware(RequestLimitsMiddleware, settings=runtime.settings)  # key and body size before the body
-    app.add_middleware(RateLimitHeadersMiddleware)
-    app.add_middleware(MetricsMiddleware)
+    # metrics, x-ratelimit-* headers, and the key and body size before the body is read: one layer
+    app.add_middleware(GatewayMiddleware, settings=runtime.settings)
     # captures before routes: see its router
     for router in (files_router, batches_router, fine_tuning_router, evaluations_router, models_router, chat_router,
                    completions_router, embeddings_router, captures_router, routes_router):
@@ -90,4 +89,39 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         body, content_type = render_latest()
         return Response(body, media_type=content_type)
 
+    match_first(app, (chat_router, completions_router, embeddings_router, ollama_router))
     return app
+
+
+def match_first(app: FastAPI, routers: tuple[APIRouter, ...]) -> None:
+    """Try ``routers``' routes before the others: the ones every proxied request takes. A request is matched
+    against the app's routes in order, each tried costing a regex and FastAPI's bookkeeping, and the inference
+    routes were declared after most others. Their paths are fixed and no other route matches them (a test checks),
+    so every request still lands where it did; the API's document keeps listing the routes as they were declared.
+    """
+    declared = list(app.router.routes)
+    first_ids = {id(route) for route in declared if _included_from(route, routers)}
+    app.router.routes[:] = [*(route for route in declared if id(route) in first_ids),
+                            *(route for route in declared if id(route) not in first_ids)]
+    declared_ids = {id(route) for route in declared}
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # routes added after this (a test's own) come last, as they would have
+        matched = app.router.routes
+        app.router.routes = [*declared, *(route for route in matched if id(route) not in declared_ids)]
+        try:
+            return generate()
+        finally:
+            app.router.routes = matched
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _included_from(route: object, routers: tuple[APIRouter, ...]) -> bool:
+    original = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
+    if original is not None:
+        return any(original is router for router in routers)
+    endpoint = getattr(route, "endpoint", None)  # or, in older versions, copies its routes
+    return endpoint is not None and any(endpoint is getattr(own, "endpoint", None)
+                                        for router in routers for own in router.routes)

@@ -2,10 +2,11 @@
 
 FastAPI reads and parses a JSON body before any dependency runs, the API key check
 included, so without this a client with no key could make the gateway read and parse
-a body of any size. This middleware (pure ASGI: nothing is buffered) steps in at the
-moment the app first asks for the body, when routing has chosen the route:
+a body of any size. The gateway's middleware (pure ASGI: nothing is buffered; see
+``middleware.GatewayMiddleware``) asks ``RequestLimits`` at the moment the app first asks
+for the body, when routing has chosen the route:
 
-* 401 when the route needs a key (it depends on ``current_key``) and the request has
+* 401 when the route needs a key (it depends on ``current_key`` or ``inference_call``) and the request has
   no ``Authorization: Bearer <key>`` header, or a malformed one: no byte of the body is
   read. Whether the key is valid is the route's own dependency; routes that read no body
   (every GET, and the upload route, which streams its body itself after its dependencies
@@ -27,11 +28,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Scope
 
 from afina.core.errors import AuthenticationFailed
 from afina.core.settings import Settings
-from afina.gateway.deps import bearer_token, current_key
+from afina.gateway.deps import AUTHENTICATING, bearer_token
 from afina.gateway.errors import error_response
 from afina.gateway.files.upload import upload_body_limit
 
@@ -56,81 +58,42 @@ class _Policy:
 _OPEN = _Policy(authenticated=False, upload=False)
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """Raised into the app from ``receive`` when the body must not be read; the middleware answers."""
 
 
 @dataclass(frozen=True)
-class _Refusal:
+class Refusal:
     status: int
     message: str
     code: str
     headers: dict[str, str] | None = None
 
+    def response(self, scope: Scope) -> Response:
+        return error_response(Request(scope), self.status, self.message, code=self.code, headers=self.headers)
 
-class RequestLimitsMiddleware:
-    """Key presence and body size, checked when the app first asks for the body (see the module's docstring)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+class RequestLimits:
+    """Key presence and body size, checked by the gateway's middleware (``middleware.GatewayMiddleware``) when
+    the app first asks for the body (see the module's docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.json_limit = settings.max_json_body_bytes
         self.upload_limit = upload_body_limit(settings.max_upload_bytes, settings.max_form_fields,
                                               settings.max_form_field_bytes)
         self._policies: dict[int, _Policy] = {}  # by id() of the app's route objects, which live as long as it
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        refusal: _Refusal | None = None
-        limit: int | None = None  # set at the first read of the body
-        received = 0
-        started = False
-
-        async def checked_receive() -> Message:
-            nonlocal refusal, limit, received
-            if refusal is not None:
-                raise _Refused
-            if limit is None:
-                refusal, limit = self._check_before_reading(scope)
-                if refusal is not None:
-                    raise _Refused
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    refusal = _Refusal(413, _too_large(limit), "request_too_large")
-                    raise _Refused
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refusal is not None and not started:
-                return  # whatever the app makes of the refusal, the answer is the one below
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, checked_receive, guarded_send)
-        except Exception:
-            if refusal is None or started:
-                raise
-        if refusal is not None and not started:
-            response = error_response(Request(scope), refusal.status, refusal.message, code=refusal.code,
-                                      headers=refusal.headers)
-            await response(scope, receive, send)
-
-    def _check_before_reading(self, scope: Scope) -> tuple[_Refusal | None, int]:
+    def check_before_reading(self, scope: Scope) -> tuple[Refusal | None, int]:
         """(a refusal or None, the body limit) for the route the router chose."""
         policy = self._policy(scope.get("route"))
         limit = self.upload_limit if policy.upload else self.json_limit
         if policy.authenticated:
             problem = _authorization_problem(scope)
             if problem is not None:
-                return _Refusal(401, problem, "invalid_api_key", {"WWW-Authenticate": "Bearer"}), limit
+                return Refusal(401, problem, "invalid_api_key", {"WWW-Authenticate": "Bearer"}), limit
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            return _Refusal(413, _too_large(limit), "request_too_large"), limit
+            return Refusal(413, too_large(limit), "request_too_large"), limit
         return None, limit
 
     def _policy(self, route: object) -> _Policy:
@@ -138,18 +101,18 @@ class RequestLimitsMiddleware:
             return _OPEN
         policy = self._policies.get(id(route))
         if policy is None:
-            policy = _Policy(authenticated=_depends_on(route, current_key),
+            policy = _Policy(authenticated=_depends_on(route, AUTHENTICATING),
                              upload=bool(getattr(getattr(route, "endpoint", None), _UPLOAD_MARK, False)))
             self._policies[id(route)] = policy
         return policy
 
 
-def _depends_on(route: object, dependency: Callable[..., Any]) -> bool:
+def _depends_on(route: object, dependencies: tuple[Callable[..., Any], ...]) -> bool:
     dependant = getattr(route, "dependant", None)
     pending = [dependant] if dependant is not None else []
     while pending:
         current = pending.pop()
-        if current.call is dependency:
+        if current.call in dependencies:
             return True
         pending.extend(current.dependencies)
     return False
@@ -172,5 +135,5 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _too_large(limit: int) -> str:
+def too_large(limit: int) -> str:
     return f"the request body is larger than the limit of {limit} bytes"

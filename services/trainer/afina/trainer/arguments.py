@@ -52,9 +52,13 @@ def warmup(config: TrainingConfig) -> int | float:
 
 
 def sft_arguments(config: TrainingConfig, output_dir: Path, *, device: str, seed: int, has_validation: bool,
-                  backend: str | None = None, fused_kernels: bool = False) -> Any:
+                  backend: str | None = None, fused_kernels: bool = False, world_size: int = 1) -> Any:
     """``SFTConfig`` for ``config`` on ``device`` (``cpu``/``cuda``); ``InvalidRequest`` naming the field for a
-    setting this device or dataset cannot honour."""
+    setting this device or dataset cannot honour.
+
+    ``world_size`` > 1 (one rank of a data-parallel run under torchrun): ``batch_size`` and
+    ``gradient_accumulation_steps`` are the whole run's; each rank gets its share (``split_batch``).
+    """
     import torch
     from trl import SFTConfig
 
@@ -72,13 +76,13 @@ def sft_arguments(config: TrainingConfig, output_dir: Path, *, device: str, seed
     fields = getattr(SFTConfig, "__dataclass_fields__", {})
     checkpointing_arg = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     checkpointing = {checkpointing_arg: activation_checkpointing(config, device, backend)}
+    batches = batch_arguments(config, device, world_size, known_fields=set(fields))
     return SFTConfig(
         **checkpointing,
+        **batches,
         output_dir=str(output_dir),
         seed=seed, data_seed=seed,
         num_train_epochs=config.n_epochs, max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=warmup(config),
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim=config.optimizer,
         logging_strategy="steps", logging_steps=config.logging_steps, logging_first_step=True,
@@ -98,6 +102,27 @@ def sft_arguments(config: TrainingConfig, output_dir: Path, *, device: str, seed
         # the Trainer: decided by kernels.use_fused_kernels (CUDA, the hf backend, a model type Liger covers)
         use_liger_kernel=fused_kernels,
     )
+
+
+def batch_arguments(config: TrainingConfig, device: str, world_size: int, *,
+                    known_fields: set[str] | None = None) -> dict[str, Any]:
+    """The batch and DDP fields of ``SFTConfig``: this rank's share of the effective batch (``split_batch``), and
+    under torchrun (``world_size`` > 1) the process group's backend. ``known_fields``: the install's
+    ``SFTConfig`` fields (a field it lacks is left out)."""
+    from afina.trainer.distributed import ddp_backend, split_batch
+
+    split = split_batch(config.batch_size, config.gradient_accumulation_steps, world_size)
+    arguments: dict[str, Any] = {"per_device_train_batch_size": split.micro_batch,
+                                 "per_device_eval_batch_size": split.micro_batch,
+                                 "gradient_accumulation_steps": split.accumulation}
+    if world_size > 1:
+        # LoRA: every trainable parameter gets a gradient each step, so DDP need not search for unused ones;
+        # a step's loss is normalized by the tokens of all ranks, so a rank's gradient is its share of the
+        # whole effective batch's, as in one process
+        arguments.update(ddp_backend=ddp_backend(device), ddp_find_unused_parameters=False)
+        if known_fields is None or "average_tokens_across_devices" in known_fields:
+            arguments["average_tokens_across_devices"] = True
+    return arguments
 
 
 def trainer_callbacks(config: TrainingConfig) -> list[Any]:

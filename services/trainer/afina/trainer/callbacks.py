@@ -8,6 +8,11 @@ the run needs. A retry in the same worker (after a CUDA out-of-memory error) bui
 Trainer with a new ``RunCallback`` over the same parts, so the files, the sampler and the
 attempt count simply carry on.
 
+In a data-parallel run (``distributed.py``) rank 0 has the observers, with a ``RankSync``; the
+other ranks have a ``FollowerCallback``. Both make the same collective calls at the same hooks:
+the stop agreement at each step end, the barrier before a checkpoint is published, the per-rank
+GPU memory at each logged training step.
+
 Imports transformers at module import: only the recipe imports this module, inside a stage.
 """
 
@@ -16,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -26,6 +31,9 @@ from afina.trainer.metrics_files import UPLOAD_EVERY_S, MetricsFiles, MetricsUpl
 from afina.trainer.monitor import HARDWARE_EVERY_STEPS, HARDWARE_INTERVAL_S, HardwareMonitor
 from afina.trainer.progress import ProgressReporter
 from afina.trainer.stopping import StopWatcher
+
+if TYPE_CHECKING:
+    from afina.trainer.distributed import RankSync
 
 # (step, local checkpoint dir, OpenAI-shaped checkpoint metrics)
 CheckpointPublisher = Callable[[int, Path, dict[str, Any]], None]
@@ -42,6 +50,7 @@ class RunObservers:
     stops: StopWatcher
     publish: CheckpointPublisher
     hardware_every_steps: int = HARDWARE_EVERY_STEPS
+    sync: RankSync | None = None  # rank 0 of a data-parallel run
     closed: bool = False
 
     def callback(self) -> RunCallback:
@@ -63,15 +72,17 @@ class RunObservers:
 
 def observe_run(context: JobContext, publish: CheckpointPublisher, *, metrics_dir: Path,
                 hardware_every_steps: int = HARDWARE_EVERY_STEPS, hardware_interval_s: float = HARDWARE_INTERVAL_S,
-                upload_every_s: float = UPLOAD_EVERY_S) -> RunObservers:
+                upload_every_s: float = UPLOAD_EVERY_S, sync: RankSync | None = None) -> RunObservers:
     """The parts that watch ``context``'s run, its metrics files kept in ``metrics_dir`` and under the job's
-    ``report/`` prefix; the sampler thread starts with the first attempt."""
+    ``report/`` prefix; the sampler thread starts with the first attempt. ``sync``: this is rank 0 of a
+    data-parallel run."""
     files = MetricsFiles(metrics_dir, context.runtime.store, f"{job_prefix(context.tenant_id, context.job_id)}/report")
     uploads = MetricsUploader(files, context.lease_lost, every_s=upload_every_s)
     sampler = HardwareMonitor(files.append_hardware, metrics_dir, interval_s=hardware_interval_s,
                               on_tick=uploads.if_due)
-    return RunObservers(files=files, uploads=uploads, reporter=ProgressReporter(context, files), sampler=sampler,
-                        stops=StopWatcher(context), publish=publish, hardware_every_steps=hardware_every_steps)
+    reporter = ProgressReporter(context, files, rank_memory=sync.gpu_memory_per_rank if sync is not None else None)
+    return RunObservers(files=files, uploads=uploads, reporter=reporter, sampler=sampler, stops=StopWatcher(context),
+                        publish=publish, hardware_every_steps=hardware_every_steps, sync=sync)
 
 
 class RunCallback(TrainerCallback):
@@ -100,7 +111,10 @@ class RunCallback(TrainerCallback):
         sampler.step, sampler.epoch = state.global_step, float(state.epoch or 0.0)
         if observers.hardware_every_steps and state.global_step % observers.hardware_every_steps == 0:
             sampler.record("step")
-        if observers.stops.should_stop(state.global_step):
+        stop = observers.stops.should_stop(state.global_step)
+        if observers.sync is not None:
+            stop = observers.sync.agree_stop(stop)  # every rank stops at the same step, and saves it
+        if stop:
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -120,6 +134,8 @@ class RunCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         observers = self.observers
+        if observers.sync is not None:
+            observers.sync.barrier()  # every rank wrote its part of the checkpoint (its RNG state)
         observers.stops.ensure_owned()  # a stalled worker never publishes over its successor's checkpoints
         step = state.global_step
         observers.sampler.phase = "checkpoint"
@@ -135,6 +151,29 @@ class RunCallback(TrainerCallback):
         observers.sampler.phase = "save"
         observers.sampler.record("train_end")
         observers.uploads.now()
+
+
+class FollowerCallback(TrainerCallback):
+    """A rank other than 0 of a data-parallel run: it writes nothing, and joins rank 0's collective calls."""
+
+    def __init__(self, sync: RankSync) -> None:
+        self.sync = sync
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        if self.sync.agree_stop(False):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if "loss" in (logs or {}):  # rank 0's reporter gathers every rank's GPU memory for this step's event
+            self.sync.gpu_memory_per_rank()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        self.sync.barrier()
 
 
 class EarlyStepsCallback(TrainerCallback):

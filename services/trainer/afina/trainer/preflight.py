@@ -28,7 +28,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from afina.core.errors import TrainingFailed
+from afina.core.errors import InsufficientMemory, TrainingFailed
 
 GIB = 1024**3
 MARGIN = 1.15
@@ -234,7 +234,7 @@ def cuda_free_bytes() -> tuple[float, float]:
 
 
 def check_fits(model: ModelShape, run: RunShape, resources: Resources, *, disk_needed: float) -> MemoryEstimate:
-    """The estimate when the run fits; ``TrainingFailed`` (code ``insufficient_memory``) with advice otherwise."""
+    """The estimate when the run fits; ``InsufficientMemory`` with advice otherwise."""
     estimate = estimate_memory(model, run)
     if run.device == "cuda":
         available, where = resources.gpu_free or 0.0, "GPU memory"
@@ -243,9 +243,9 @@ def check_fits(model: ModelShape, run: RunShape, resources: Resources, *, disk_n
     if estimate.total > available:
         advice = suggest_fit(model, run, available)
         fix = f"; {advice}" if advice else "; no smaller setting fits: use a smaller model or a larger worker"
-        raise TrainingFailed(f"this run needs about {estimate.total / GIB:.1f} GiB of {where} "
-                             f"({estimate.describe()}) and the worker has {available / GIB:.1f} GiB free{fix}",
-                             code="insufficient_memory")
+        raise InsufficientMemory(f"this run needs about {estimate.total / GIB:.1f} GiB of {where} "
+                                 f"({estimate.describe()}) and the worker has {available / GIB:.1f} GiB free{fix}",
+                                 needed_bytes=estimate.total, available_bytes=available)
     if disk_needed > resources.disk_free:
         raise TrainingFailed(f"this run needs about {disk_needed / GIB:.1f} GiB of disk for the base model and "
                              f"checkpoints and the work directory has {resources.disk_free / GIB:.1f} GiB free; "

@@ -2,7 +2,8 @@
 
 - each logged step becomes one OpenAI ``metrics`` event ("Step 3/20: training loss=1.2300")
   with step, total_steps, train/valid losses, token accuracies, learning rate, tokens/s
-  (non-padding), epoch, elapsed and remaining seconds, and GPU memory on CUDA; a step that
+  (non-padding), epoch, elapsed and remaining seconds, and GPU memory on CUDA (every rank's, as
+  ``gpu_memory_per_rank``, in a data-parallel run); a step that
   is also evaluated (on the whole validation split) carries ``valid_*`` and ``full_valid_*``
   in the same event, null elsewhere;
 - each logged step is also a line of ``training_metrics.jsonl`` (with a moving average of the
@@ -20,6 +21,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from afina.core.metrics import TRAIN_LOSS, TRAIN_STEP_SECONDS, TRAIN_TOKENS_PER_SECOND
@@ -55,9 +57,11 @@ class ProgressReporter:
     from a checkpoint in the same worker) and forgets what the previous attempt measured.
     """
 
-    def __init__(self, context: JobContext, files: MetricsFiles) -> None:
+    def __init__(self, context: JobContext, files: MetricsFiles,
+                 rank_memory: Callable[[], list[dict[str, float]]] | None = None) -> None:
         self.context = context
         self.files = files
+        self.rank_memory = rank_memory  # a collective: called at every logged training step, on every rank
         self.accuracy = TokenAccuracyMeter()
         self.attempt = 1
         self.resumed_from_step = 0
@@ -226,10 +230,15 @@ class ProgressReporter:
         self._last_estimate = moment
         self.context.record_estimated_finish(int(time.time() + eta))
 
-    def _gpu_memory(self) -> dict[str, float]:
+    def _gpu_memory(self) -> dict[str, Any]:
+        # outside the try: the other ranks make the same collective call, whatever this one's probe does
+        per_rank = self.rank_memory() if self.rank_memory is not None else []
         # a measurement never stops a run: a failing probe is logged and the figure left out
         try:
-            return current_gpu_memory()
+            figures: dict[str, Any] = dict(current_gpu_memory())
         except Exception:
             log.warning("reading GPU memory failed", exc_info=True)
-            return {}
+            figures = {}
+        if per_rank:
+            figures["gpu_memory_per_rank"] = per_rank
+        return figures

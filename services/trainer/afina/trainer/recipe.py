@@ -21,6 +21,9 @@ finds it skips straight to export.
 Backends (``backends/``): ``hf`` (transformers + PEFT, any device) or ``unsloth`` (CUDA), chosen by
 ``hyperparameters.backend``; only the model loading differs, both train through TRL's ``SFTTrainer``
 with the same rows, callbacks and checkpoints.
+
+``num_gpus`` > 1: the worker starts this same recipe in N processes under torchrun (``distributed.py``);
+each is one rank (``RankInfo``), rank 0 writes everything, the others only train.
 """
 
 from __future__ import annotations
@@ -37,14 +40,15 @@ from afina.core.artifacts.dataset import DatasetManifest
 from afina.core.catalog import BaseModelSpec, ChatFamily
 from afina.core.datasets.layout import adapter_prefix, job_prefix
 from afina.core.db import repository as repo
-from afina.core.errors import TrainingFailed
+from afina.core.errors import InsufficientMemory, TrainingFailed
+from afina.core.gpu_classes import reroute_or_raise
 from afina.core.logging import log_event
 from afina.core.queue.jobs import JobContext
 from afina.core.training import TrainingConfig, check_max_seq_len, parse_training_spec, resolve_hyperparameters
 from afina.core.training.lifecycle import job_base_model, resolution_input, stored_training_config
 from afina.trainer import checkpoints
 from afina.trainer.adapter import point_adapter_at
-from afina.trainer.backends import BackendName, ModelRequest, choose_backend, load_trainable_model, prepare_backend
+from afina.trainer.backends import BackendName, ModelRequest, load_trainable_model, prepare_backend
 from afina.trainer.data import (
     EncodedSplit,
     PreparedDataset,
@@ -52,6 +56,14 @@ from afina.trainer.data import (
     encode_split,
     encode_training_split,
     load_prepared_dataset,
+)
+from afina.trainer.distributed import (
+    RankInfo,
+    RankSync,
+    check_gpu_count,
+    data_parallel_backend,
+    split_batch,
+    train_data_parallel,
 )
 from afina.trainer.guards import LossGuard, is_out_of_memory, loss_guard_callback
 from afina.trainer.kernels import FusedKernels, use_fused_kernels
@@ -66,6 +78,7 @@ from afina.trainer.preflight import (
     RunShape,
     check_fits,
     checkpoint_bytes,
+    cuda_free_bytes,
     halve_micro_batch,
 )
 from afina.trainer.report import RunFacts, build_report, metric_records, metrics_jsonl
@@ -103,28 +116,46 @@ class Placement:
 def train_job(context: JobContext) -> str:
     """Run the train stage of ``context.job_id``; returns the next stage (``export``)."""
     recipe = LoRAFinetuneRecipe(context)
+    if recipe.adapter_committed():
+        context.event("Adapter already trained by an earlier attempt; moving on to export")
+        return NEXT_STAGE
+    num_gpus = parse_training_spec(resolution_input(recipe.job)).num_gpus
+    if num_gpus > 1:
+        recipe.launch_data_parallel(num_gpus)  # the ranks run ``run_recipe``; this process keeps the lease
+    else:
+        _run(recipe)
+    return NEXT_STAGE
+
+
+def run_recipe(context: JobContext, *, rank: RankInfo, sync: RankSync | None) -> None:
+    """The whole run in one rank of a data-parallel job (``afina.trainer.rank``): rank 0 also saves."""
+    _run(LoRAFinetuneRecipe(context, rank=rank, sync=sync))
+
+
+def _run(recipe: LoRAFinetuneRecipe) -> None:
     try:
-        if recipe.adapter_committed():
-            context.event("Adapter already trained by an earlier attempt; moving on to export")
-            return NEXT_STAGE
         recipe.setup()
         recipe.train()
-        recipe.save_adapter()
-        recipe.save_report()
+        if recipe.rank.is_main:
+            recipe.save_adapter()
+            recipe.save_report()
     finally:
         recipe.cleanup()
-    return NEXT_STAGE
 
 
 class LoRAFinetuneRecipe:
     """One LoRA SFT run of one job."""
 
-    def __init__(self, context: JobContext) -> None:
+    def __init__(self, context: JobContext, *, rank: RankInfo | None = None, sync: RankSync | None = None) -> None:
         self.context = context
         self.runtime = context.runtime
         self.settings = context.runtime.settings
         self.job = context.snapshot()
+        self.rank = rank or RankInfo()
+        self.sync = sync  # the collectives of a data-parallel run; None in a single process
         self.work_dir = self.settings.resolved_work_dir / context.job_id
+        if self.rank.distributed:  # the ranks share the host: each its own folder beside the others
+            self.work_dir = self.work_dir / f"rank-{self.rank.rank}"
         self.output_dir = self.work_dir / "output"
         self.started = time.monotonic()
         self.phases = PhaseClock()
@@ -134,6 +165,18 @@ class LoRAFinetuneRecipe:
         self.resumed_from: int | None = None
         self.observers: RunObservers | None = None  # once setup reaches the trainer
         self._published_config = self.job.training_config
+
+    def launch_data_parallel(self, num_gpus: int) -> None:
+        """Check ``num_gpus`` against this worker, then run the job's ranks and supervise them
+        (``distributed.train_data_parallel``): refused early when the worker cannot, never late in a rank."""
+        wanted = parse_training_spec(resolution_input(self.job))
+        device = self._setup_device(self.settings.trainer_device)
+        check_gpu_count(num_gpus, device, _visible_cuda_devices(device))
+        _backend, note = data_parallel_backend(wanted.backend, device, num_gpus)
+        if note is not None:
+            self.context.event(note, level="warn")
+        train_data_parallel(self.context, num_gpus=num_gpus, device=device, work_dir=self.work_dir,
+                            adapter_committed=self.adapter_committed)
 
     def adapter_committed(self) -> bool:
         """An earlier attempt committed the adapter (its manifest, written last, is in the store)."""
@@ -153,7 +196,8 @@ class LoRAFinetuneRecipe:
         wanted = parse_training_spec(requested)  # what the config resolves from, before the data sizes it
         prepared = self._setup_prepared_dataset(self.job.dataset_key)  # before the model: a bad one fails in a second
         device = self._setup_device(self.settings.trainer_device)
-        backend = self._setup_backend(wanted.backend, device)  # before the tokenizer: Unsloth precedes transformers
+        # before the tokenizer: Unsloth precedes transformers
+        backend = self._setup_backend(wanted.backend, device, self.rank.world_size)
         self.placement = Placement(device=device, backend=backend, dtype=_dtype_name(device))
         self.phases.mark("backend import")
         self.base_model_dir = self._setup_base_model(self.base)
@@ -167,14 +211,25 @@ class LoRAFinetuneRecipe:
         # with packing, a "training example" of the batch rules is a packed row
         self.config = self._setup_config(requested, n_train=len(self.train_rows),
                                          n_validation=len(self.dataset.validation.rows), base=self.base)
+        if self.rank.distributed:
+            split = split_batch(self.config.batch_size, self.config.gradient_accumulation_steps,
+                                self.rank.world_size)
+            self.context.event(f"Data parallel over {self.rank.world_size} processes: {split.describe()}",
+                               level="info" if split.kept else "warn")
         self.phases.mark("dataset")
         self.kernels = self._setup_kernels(self.config, self.placement, self.base_model_dir)
-        self.plan = self._setup_plan(self.config, self.placement, self.base_model_dir, self.train_rows,
-                                     self.base.family)
-        if self.plan is not None:
-            self.config = self._apply_plan(self.config, self.plan)
-        self.memory_estimate = self._setup_preflight(self.config, self.placement, self.base_model_dir,
-                                                     self.train_rows, self.base.family)
+        try:
+            self.plan = self._setup_plan(self.config, self.placement, self.base_model_dir, self.train_rows,
+                                         self.base.family)
+            if self.plan is not None:
+                self.config = self._apply_plan(self.config, self.plan)
+            self.memory_estimate = self._setup_preflight(self.config, self.placement, self.base_model_dir,
+                                                         self.train_rows, self.base.family)
+        except InsufficientMemory as failure:
+            # a larger GPU class may hold what this GPU cannot: the job moves there instead of failing
+            reroute_or_raise(self.settings, failure, device=self.placement.device, asked_class=self.config.gpu_class,
+                             this_gpu_bytes=cuda_free_bytes()[1] if self.placement.device == "cuda" else None)
+            raise
         context.check_continue()
         self.model = self._setup_model(self.config, self.placement, self.base_model_dir, self.base,
                                        pad_token_id=self.tokenizer.pad_token_id)
@@ -198,8 +253,9 @@ class LoRAFinetuneRecipe:
         return wanted
 
     @staticmethod
-    def _setup_backend(requested: str, device: str) -> BackendName:
-        backend = choose_backend(requested, device)
+    def _setup_backend(requested: str, device: str, world_size: int = 1) -> BackendName:
+        """The backend that trains; with several ranks ``hf`` (the worker said so in an event before launching)."""
+        backend, _note = data_parallel_backend(requested, device, world_size)
         prepare_backend(backend)
         return backend
 
@@ -309,6 +365,8 @@ class LoRAFinetuneRecipe:
         run_shape = self._run_shape(config, placement, train_rows, family)
         resources = Resources.measure(placement.device, self.work_dir)
         budget = resources.gpu_free if placement.device == "cuda" else resources.ram_available
+        if self.sync is not None:  # every rank must plan the same micro-batch: the tightest GPU decides
+            budget = self.sync.min_over_ranks(float(budget or 0.0))
         mean_tokens = sum(len(row["input_ids"]) for row in train_rows) / len(train_rows)
         plan = plan_throughput(model_shape, run_shape, budget=budget or 0.0,
                                fixed=self._fixed_by_request(config, placement.backend),
@@ -366,31 +424,39 @@ class LoRAFinetuneRecipe:
             self.context.event(f"Continuing from the adapter of job {parent_job} ({loaded} LoRA tensors)")
         return model
 
-    def _setup_observers(self, metrics_dir: Path) -> RunObservers:
+    def _setup_observers(self, metrics_dir: Path) -> RunObservers | None:
         """The run's reporter, sampler, stop watcher and checkpoint publisher: one set for every attempt."""
         from afina.trainer.callbacks import observe_run
 
-        return observe_run(self.context, self.save_checkpoint, metrics_dir=metrics_dir)
+        if not self.rank.is_main:
+            return None  # rank 0 reports, publishes and watches for stops for every rank
+        return observe_run(self.context, self.save_checkpoint, metrics_dir=metrics_dir, sync=self.sync)
 
     def _setup_trainer(self, config: TrainingConfig, placement: Placement, model: Any, tokenizer: Any,
-                       train_rows: Rows, validation_rows: Rows, observers: RunObservers) -> Any:
+                       train_rows: Rows, validation_rows: Rows, observers: RunObservers | None) -> Any:
         from datasets import Dataset
         from trl import SFTTrainer
 
         from afina.trainer.arguments import sft_arguments, trainer_callbacks
-        from afina.trainer.callbacks import EarlyStepsCallback
+        from afina.trainer.callbacks import EarlyStepsCallback, FollowerCallback
 
         has_validation = bool(validation_rows)
         args = sft_arguments(config, self.output_dir, device=placement.device, seed=self.job.seed,
                              has_validation=has_validation, backend=placement.backend,
-                             fused_kernels=self.kernels.enabled)
+                             fused_kernels=self.kernels.enabled, world_size=self.rank.world_size)
+        guard = loss_guard_callback(LossGuard(config.learning_rate))  # every rank sees the same (gathered) loss
+        if observers is None:  # a rank other than 0
+            assert self.sync is not None
+            callbacks = [FollowerCallback(self.sync), guard, *trainer_callbacks(config)]
+        else:
+            callbacks = [observers.callback(), guard, EarlyStepsCallback(self._first_step_done, self._check_memory),
+                         *trainer_callbacks(config)]
         return SFTTrainer(
             model=model, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(validation_rows) if has_validation else None,
             data_collator=PaddingFreeCollator() if config.packing else None,
-            callbacks=[observers.callback(), loss_guard_callback(LossGuard(config.learning_rate)),
-                       EarlyStepsCallback(self._first_step_done, self._check_memory), *trainer_callbacks(config)],
+            callbacks=callbacks,
         )
 
     # training --------------------------------------------------------------
@@ -401,6 +467,11 @@ class LoRAFinetuneRecipe:
         failure = self._train_catching_out_of_memory()
         if failure is None:
             return
+        if self.rank.distributed:  # one rank rebuilding alone would leave the others waiting in a collective
+            raise TrainingFailed(_oom_message(self.config, self.placement.backend,
+                                              halve_micro_batch(self.config.batch_size,
+                                                                self.config.gradient_accumulation_steps)),
+                                 code="out_of_memory")
         # the rebuild happens here, outside the except clause: the exception's traceback held the failed step's
         # frames, and with them its activations, until that clause ended (seen on an H100: the back-off's new model
         # did not fit beside them)
@@ -486,6 +557,8 @@ class LoRAFinetuneRecipe:
                            f"epoch(s), batch size {config.batch_size}{packed}")
         started = time.monotonic()
         self.trainer.train(resume_from_checkpoint=str(self.resume_dir) if self.resume_dir else None)
+        if self.observers is None:
+            return  # a rank other than 0: rank 0 says how the run ended
         self.observers.stops.raise_if_stopped()
         state = self.trainer.state
         seconds = time.monotonic() - started
@@ -497,9 +570,19 @@ class LoRAFinetuneRecipe:
 
     def save_checkpoint(self, step: int, local_dir: Path, metrics: dict[str, Any]) -> None:
         """Publish the Trainer's checkpoint of ``step`` (upload, row, prune): the run's checkpoint publisher."""
+        if self.rank.distributed:
+            self._collect_rank_rng_states(local_dir)
         checkpoints.publish_checkpoint(self.runtime, self.context.tenant_id, self.context.job_id, step, local_dir,
                                        metrics, self.settings.checkpoint_keep_last, owner=self.context.owner)
         self.context.event(f"Checkpoint saved at step {step}")
+
+    def _collect_rank_rng_states(self, local_dir: Path) -> None:
+        """The other ranks' RNG states (``rng_state_<rank>.pth``, written in their own folders before the barrier
+        the callbacks hold) go into rank 0's checkpoint, so a resumed rank restores its own."""
+        for rank in range(1, self.rank.world_size):
+            sibling = self.work_dir.parent / f"rank-{rank}" / "output" / local_dir.name / f"rng_state_{rank}.pth"
+            if sibling.is_file():
+                shutil.copy2(sibling, local_dir / sibling.name)
 
     def load_checkpoint(self) -> Path | None:
         """The newest usable checkpoint of an earlier attempt, downloaded into the output dir; None if none."""
@@ -575,6 +658,9 @@ class LoRAFinetuneRecipe:
                          f"{self.measured_peak / GIB:.2f} GiB allocated (the estimate was {ratio:.2f}× the peak)"))
         kernels = self.kernels
         rows.append(("fused kernels", kernels.reason if kernels.enabled else f"no: {kernels.reason}"))
+        if self.rank.distributed:
+            split = split_batch(self.config.batch_size, self.config.gradient_accumulation_steps, self.rank.world_size)
+            rows.append(("data parallel", f"{self.rank.world_size} processes (DDP): {split.describe()}"))
         if self.phases.marks and self.phases.marks[-1][0] == "first step":
             rows.append(("start-up", self.phases.summary()))
         return rows
@@ -585,6 +671,15 @@ class LoRAFinetuneRecipe:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.trainer = self.model = None
         release_gpu_memory()
+
+
+def _visible_cuda_devices(device: str) -> int:
+    """CUDA devices this worker sees (its ``CUDA_VISIBLE_DEVICES``), without creating a context; 0 off CUDA."""
+    if device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def release_gpu_memory() -> None:

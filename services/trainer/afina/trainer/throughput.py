@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from afina.core.errors import TrainingFailed
+from afina.core.errors import InsufficientMemory
 from afina.trainer.preflight import GIB, MemoryEstimate, ModelShape, RunShape, estimate_memory, suggest_fit
 
 Checkpointing = Literal["none", "selective", "full", "offloaded"]
@@ -126,7 +126,7 @@ def candidates(effective_batch: int, backend: str, num_layers: int, fixed: Fixed
 
 def plan_throughput(model: ModelShape, run: RunShape, *, budget: float, fixed: Fixed,
                     mean_tokens_per_row: float | None = None) -> ThroughputPlan:
-    """The fastest candidate whose estimate fits ``budget`` bytes; ``TrainingFailed`` (``insufficient_memory``)
+    """The fastest candidate whose estimate fits ``budget`` bytes; ``InsufficientMemory``
     with the smallest change that would fit when none does.
 
     ``run`` carries the resolved config (its micro-batch × accumulation is the effective batch kept) and
@@ -147,9 +147,9 @@ def plan_throughput(model: ModelShape, run: RunShape, *, budget: float, fixed: F
         needed = estimate_memory(model, smallest.run_shape(run))
         advice = suggest_fit(model, smallest.run_shape(run), budget)
         fix = f"; {advice}" if advice else "; no smaller setting fits: use a smaller model or a larger GPU"
-        raise TrainingFailed(f"no way to run this job fits the GPU: even {smallest.describe(model.num_layers)} needs "
-                             f"about {needed.total / GIB:.1f} GiB ({needed.describe()}) and the GPU has "
-                             f"{budget / GIB:.1f} GiB free{fix}", code="insufficient_memory")
+        raise InsufficientMemory(f"no way to run this job fits the GPU: even {smallest.describe(model.num_layers)} "
+                                 f"needs about {needed.total / GIB:.1f} GiB ({needed.describe()}) and the GPU has "
+                                 f"{budget / GIB:.1f} GiB free{fix}", needed_bytes=needed.total, available_bytes=budget)
     chosen, estimate = fitting[0]
     slower = tuple((c, e) for c, e in fitting[1:] if e.total < estimate.total)
     slower = tuple(sorted(slower, key=lambda pair: -speed_score(pair[0], tokens, model.num_layers)))

@@ -18,12 +18,20 @@ from afina.core.store import ArtifactStore
 EXPORT_MANIFEST = "manifest.json"
 
 
-def _check_served(serve: str, variants: dict[str, Any]) -> None:
-    if serve not in variants:
-        raise ValueError(f"serve names {serve!r}, which is not among the variants {sorted(variants)}")
+class _ServesOneOfItsVariants(Manifest):
+    """A record of GGUF variants (``gguf``: variant -> file or key) of which one, ``serve``, is served."""
+
+    serve: str
+    gguf: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _serves_a_listed_variant(self) -> _ServesOneOfItsVariants:
+        if self.serve not in self.gguf:
+            raise ValueError(f"serve names {self.serve!r}, which is not among the variants {sorted(self.gguf)}")
+        return self
 
 
-class ExportManifest(Manifest):
+class ExportManifest(_ServesOneOfItsVariants):
     KIND: ClassVar[str] = "export"
     SCHEMA_VERSION: ClassVar[int] = 2
 
@@ -40,11 +48,6 @@ class ExportManifest(Manifest):
     lora_gguf: FileEntry | None = Field(None, description="the LoRA-only GGUF adapter, when the job asked for one")
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: int
-
-    @model_validator(mode="after")
-    def _serves_a_listed_variant(self) -> ExportManifest:
-        _check_served(self.serve, self.gguf)
-        return self
 
     @classmethod
     def _upgrade(cls, version: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +67,7 @@ class ExportManifest(Manifest):
                                      adapter=adapter_prefix)
 
 
-class ServedArtifacts(Manifest):
+class ServedArtifacts(_ServesOneOfItsVariants):
     """The registry row's ``artifacts``: the store keys the gateway serves from."""
 
     KIND: ClassVar[str] = "served artifacts"
@@ -75,11 +78,6 @@ class ServedArtifacts(Manifest):
     modelfile: str
     manifest: str = Field(description="the export manifest's key: sizes and sha256 of every file")
     adapter: str
-
-    @model_validator(mode="after")
-    def _serves_a_listed_variant(self) -> ServedArtifacts:
-        _check_served(self.serve, self.gguf)
-        return self
 
     @property
     def served_key(self) -> str:

@@ -1,7 +1,8 @@
 """``FidelityReport``: how closely each exported GGUF answers like the model that was trained.
 
-The exporter's fidelity gate writes it (into ``verification.json`` under ``"fidelity"``); the job's
-report, the export manifest's readers and the Hub model card read it. Every figure is kept exactly
+The exporter's fidelity gate writes it (into ``verification.json`` under ``"fidelity"``, the file
+``ExportVerification`` reads and writes); the job's report, the export manifest's readers and the Hub
+model card read it. Every figure is kept exactly
 as measured, so a reader can see by how much a variant passed or failed, not only that it did.
 
 The reference is the merged transformers model (the trained weights, in the dtype they were saved
@@ -10,11 +11,16 @@ in). The 16-bit GGUF is compared with the reference; each quantized variant with
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from afina.core.artifacts.manifest import FileEntry, Manifest, ManifestInvalid
+from afina.core.errors import ObjectMissing
+from afina.core.store import ArtifactStore
+
 FIDELITY_SCHEMA_VERSION = 1
+VERIFICATION_FILE = "verification.json"
 
 
 class FidelityTolerances(BaseModel):
@@ -33,6 +39,11 @@ class FidelityTolerances(BaseModel):
                                                             "side's top token led the token taken by at most this "
                                                             "many logits still counts as agreeing (0: exact ties "
                                                             "only)")
+    min_disagreements: int = Field(1, ge=1, description="the fewest disagreeing prompts (near ties not counted) "
+                                                        "that can fail an agreement limit: below it a share under "
+                                                        "the limit is reported as a warning, since on a handful of "
+                                                        "prompts one stray divergence is all the share measures "
+                                                        "(1: the share alone decides, as before this field)")
 
 
 class PromptMismatch(BaseModel):
@@ -117,3 +128,39 @@ class FidelityReport(BaseModel):
         return {name: {"agreement": figures.agreement, "agreement_with_reference": figures.agreement_with_reference,
                        "perplexity": figures.perplexity, "perplexity_ratio": figures.perplexity_ratio}
                 for name, figures in self.variants.items()}
+
+
+class ExportVerification(Manifest):
+    """``verification.json``: one export's GGUF checks (``checks``: variant -> template, EOS, tokens, greedy answer)
+    and its fidelity gate's report (None when the job had no held-out prompt), with the phase timings.
+
+    The exporter writes it with the manifest (and alone, with ``passed`` false, when a check or the gate failed);
+    its readers take it through ``of_entry`` from the ``ExportManifest``'s entry, so a file that changed after
+    the export is refused rather than quoted.
+    """
+
+    KIND: ClassVar[str] = "verification"
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    passed: bool
+    family: str | None = None
+    stock_template_sha256: str | None = None
+    eos_token: str | None = None
+    completion_probe: list[dict[str, Any]] = Field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = Field(default_factory=dict, description="variant -> its GGUF checks")
+    fidelity: FidelityReport | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def of_entry(cls, store: ArtifactStore, entry: FileEntry) -> ExportVerification:
+        """The report an ``ExportManifest`` lists, checked against its recorded size and sha256."""
+        import hashlib
+
+        try:
+            raw = store.get_bytes(entry.key)
+        except ObjectMissing:
+            raise ManifestInvalid(f"{cls.KIND} report {entry.key} is missing; export the model again") from None
+        if len(raw) != entry.bytes or hashlib.sha256(raw).hexdigest() != entry.sha256:
+            raise ManifestInvalid(f"{cls.KIND} report {entry.key} changed after the export listed it; export the "
+                                  "model again")
+        return cls.parse(raw, entry.key)

@@ -108,6 +108,10 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # where the train stage runs (afina.core.gpu_classes.train_queue): the class asked for or chosen by the
+    # preflight (None: the default class), and how many GPUs train the job together
+    gpu_class: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    num_gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class JobEvent(Base):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from afina.core import ids
@@ -501,13 +501,18 @@ def set_capture_feedback(session: Session, tenant_id: str, exchange_id: str, rat
 # Every deadline is computed and compared on the database's clock (``afina.core.db.clock``), never a host's.
 
 def acquire_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool:
-    """Take the job's lease if free or expired; True if this owner now holds it (``attempts`` counts it)."""
+    """Take the job's lease if free or expired; True if this owner now holds it (``attempts`` counts it).
+
+    An owner that already holds the lease keeps its count: a claim retried because the database
+    dropped the connection after committing it is the same attempt, not a second one.
+    """
     moment = now_sql(session)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id,
                or_(Job.lease_owner.is_(None), Job.lease_expires_at < moment, Job.lease_owner == owner))
-        .values(lease_owner=owner, lease_expires_at=moment + ttl_s, attempts=Job.attempts + 1)
+        .values(lease_owner=owner, lease_expires_at=moment + ttl_s,
+                attempts=case((Job.lease_owner == owner, Job.attempts), else_=Job.attempts + 1))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1

@@ -35,6 +35,7 @@ from afina.core.db import repository as repo
 from afina.core.db.clock import database_time
 from afina.core.db.models import Job, OutboxMessage
 from afina.core.errors import AfinaError, LeaseLost
+from afina.core.gpu_classes import NeedsLargerGpu
 from afina.core.logging import log_event, new_error_id, redact
 from afina.core.metrics import JOB_STAGE_SECONDS, JOBS_FINISHED, LEASES_RECOVERED, STAGES_REQUEUED, set_job_phase
 from afina.core.queue import outbox
@@ -45,7 +46,7 @@ from afina.core.transient import is_transient, retry_transient
 log = logging.getLogger("afina.jobs")
 T = TypeVar("T")
 
-__all__ = ["JobCancelled", "JobContext", "LeaseLost", "new_owner", "recover_stale_jobs", "run_stage",
+__all__ = ["JobCancelled", "JobContext", "LeaseLost", "new_owner", "owner_gpus", "recover_stale_jobs", "run_stage",
            "start_maintenance_loop"]
 
 
@@ -239,8 +240,22 @@ class _EventWriter(threading.Thread):
                 return
 
 
+GPU_MARK = "@gpu="
+
+
 def new_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A lease owner: host, pid and a nonce, and the CUDA devices a pinned trainer runs on (``afina status``
+    shows which job runs on which GPU from it)."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return f"{owner}{GPU_MARK}{gpus}" if gpus else owner
+
+
+def owner_gpus(owner: str | None) -> str | None:
+    """The CUDA devices recorded in a lease owner by ``new_owner`` (None: not a pinned worker)."""
+    if not owner or GPU_MARK not in owner:
+        return None
+    return owner.split(GPU_MARK, 1)[1] or None
 
 
 class _Heartbeat(threading.Thread):
@@ -290,10 +305,15 @@ def run_stage(runtime: Runtime, job_id: str, stage: str, work: Callable[[JobCont
     set_job_phase(stage)
     started = time.monotonic()
     outcome = "failed"
-    try:
+
+    def resume_then_work(context: JobContext) -> str | None:
+        # inside the guarded run: a database fault while saying so pauses the job like any other (uncounted)
         if resumed:
             context.event(f"Resuming {stage} stage after an interrupted attempt")
-        outcome = _run_claimed(context, work)
+        return work(context)
+
+    try:
+        outcome = _run_claimed(context, resume_then_work)
         return outcome
     finally:
         heartbeat.stopped.set()
@@ -314,10 +334,11 @@ def _claim(runtime: Runtime, job_id: str, stage: str, owner: str) -> str | tuple
         if job.cancel_requested:
             repo.set_status(session, job, "cancelled", message="Job cancelled")
             return "cancelled"
-        attempt = job.attempts + 1
         if not repo.acquire_lease(session, job_id, owner, settings.lease_s):
             log_event(log, "stage.duplicate_dropped", job_id=job_id, stage=stage)
             return "duplicate"
+        # read back, not job.attempts + 1: a claim retried after its commit went through was not counted twice
+        attempt = session.scalar(select(Job.attempts).where(Job.id == job_id))
         if attempt > settings.max_stage_attempts:
             error = {"code": "stage_attempts_exhausted", "param": None,
                      "message": f"The {stage} stage was started {attempt - 1} times and its worker stopped each time "
@@ -353,6 +374,11 @@ def _run_claimed(context: JobContext, work: Callable[[JobContext], str | None]) 
     except LeaseLost:
         log_event(log, "stage.lease_lost", logging.WARNING, job_id=job_id, stage=stage)
         return "lease_lost"
+    except NeedsLargerGpu as exc:
+        # the job does not fit this GPU and a larger class would hold it: its stage moves to that class's queue
+        _give_back(context, delay_s=0.0, reason="gpu_class", message=exc.message, gpu_class=exc.gpu_class)
+        log_event(log, "stage.rerouted", job_id=job_id, stage=stage, gpu_class=exc.gpu_class)
+        return "rerouted"
     except JobCancelled:
         return _finish(context, "cancelled", None, "Job cancelled")
     except SoftTimeLimitExceeded:
@@ -412,11 +438,15 @@ def _hand_off(context: JobContext, next_stage: str | None) -> None:
     outbox.deliver(context.runtime, messages)
 
 
-def _give_back(context: JobContext, *, delay_s: float, reason: str, message: str | None) -> None:
-    """Release the lease without counting the attempt and queue the same stage again (after ``delay_s``)."""
+def _give_back(context: JobContext, *, delay_s: float, reason: str, message: str | None,
+               gpu_class: str | None = None) -> None:
+    """Release the lease without counting the attempt and queue the same stage again (after ``delay_s``; on
+    ``gpu_class``'s queue when given)."""
     messages: list[OutboxMessage] = []
 
     def change(session: Session, job: Job) -> None:
+        if gpu_class is not None:
+            job.gpu_class = gpu_class  # before the message: add_stage routes by it
         if message:
             repo.add_event(session, job.id, message, level="warn")
         repo.release_lease(session, job.id, context.owner, uncount_attempt=True)
@@ -433,18 +463,26 @@ def _pause(context: JobContext, exc: BaseException) -> str:
     If even that cannot be written (the database is the one away), the lease expires and the
     recovery sweep requeues the job.
     """
-    delay = context.runtime.settings.transient_requeue_delay_s
+    settings = context.runtime.settings
+    delay = settings.transient_requeue_delay_s
     log_event(log, "stage.paused", logging.WARNING, job_id=context.job_id, stage=context.stage,
               error=type(exc).__name__, retry_in_s=delay)
-    try:
-        _give_back(context, delay_s=delay, reason="transient",
-                   message=f"The {context.stage} stage paused: a service it depends on did not answer; "
-                           f"it resumes from its last checkpoint in {delay:.0f} s")
-    except LeaseLost:
-        return "lease_lost"
-    except Exception:  # noqa: BLE001 - the lease will expire and the recovery sweep requeues the job
-        log.warning("could not give the job back; the recovery sweep will", exc_info=True)
-    return "paused"
+    # the heartbeat still holds the lease, so keep trying for a while: a give-back that never lands lets the
+    # lease expire, and the recovery sweep's requeue would count this pause as a crashed attempt
+    give_up_at = time.monotonic() + 2 * settings.lease_s
+    while True:
+        try:
+            _give_back(context, delay_s=delay, reason="transient",
+                       message=f"The {context.stage} stage paused: a service it depends on did not answer; "
+                               f"it resumes from its last checkpoint in {delay:.0f} s")
+            return "paused"
+        except LeaseLost:
+            return "lease_lost"
+        except Exception as fault:  # noqa: BLE001 - the lease will expire and the recovery sweep requeues the job
+            if not is_transient(fault) or time.monotonic() >= give_up_at or context.lease_lost.is_set():
+                log.warning("could not give the job back; the recovery sweep will", exc_info=True)
+                return "paused"
+            time.sleep(settings.transient_backoff_s)
 
 
 def _finish(context: JobContext, status: str, error: dict | None, message: str) -> str:

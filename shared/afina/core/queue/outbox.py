@@ -21,11 +21,11 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from afina.core.db.clock import database_time, now_sql
-from afina.core.db.models import OutboxMessage
+from afina.core.db.models import Job, OutboxMessage
 from afina.core.logging import log_event
 from afina.core.metrics import OUTBOX_PENDING, OUTBOX_SENT
 from afina.core.queue.app import OUTBOX_ID_HEADER, send_message
-from afina.core.queue.names import QUEUE_INGEST, STAGE_TASKS, TASK_INGEST_FILE
+from afina.core.queue.names import QUEUE_INGEST, STAGE_TASKS, TASK_INGEST_FILE, train_queue
 from afina.core.runtime import Runtime
 from afina.core.transient import backoff_delays
 
@@ -38,8 +38,13 @@ RELAY_BATCH = 100
 
 
 def add_stage(session: Session, stage: str, job_id: str, *, delay_s: float = 0.0) -> OutboxMessage:
-    """The message that moves ``job_id`` through ``stage``, written in the caller's transaction."""
+    """The message that moves ``job_id`` through ``stage``, written in the caller's transaction (a train stage
+    goes to its GPU class's queue)."""
     task, queue = STAGE_TASKS[stage]
+    if stage == "train":
+        job = session.get(Job, job_id)
+        if job is not None:
+            queue = train_queue(job.gpu_class, job.num_gpus)
     return _add(session, task, queue, job_id, delay_s)
 
 

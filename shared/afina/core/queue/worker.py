@@ -78,7 +78,16 @@ def _share_metrics_between_processes() -> None:
 
 
 def _connect_signals(runtime: Runtime, settings: Settings) -> None:
-    from celery.signals import task_prerun, worker_process_init, worker_ready, worker_shutting_down
+    from celery.signals import celeryd_after_setup, task_prerun, worker_process_init, worker_ready, worker_shutting_down
+
+    def consume_gpu_class_queues(instance: Any = None, **_kwargs: object) -> None:
+        """A trainer also consumes its GPU class's queues (``train.<class>``, ``…x<N>`` for the GPUs it owns),
+        whatever ``-Q`` named: the settings say which, so the runner, compose and Kubernetes cannot disagree."""
+        from afina.core.gpu_classes import worker_train_queues
+
+        if "trainer" in services() and instance is not None:
+            for queue in worker_train_queues(settings):
+                instance.app.amqp.queues.select_add(queue)
 
     def drain_running_stages(**_kwargs: object) -> None:
         """SIGTERM/SIGINT: running stages checkpoint and hand their jobs back instead of being killed later."""
@@ -117,6 +126,7 @@ def _connect_signals(runtime: Runtime, settings: Settings) -> None:
             observe(stage, message_sent_at(task.request, SENT_AT_HEADER), time.time())
 
     # weak=False: these closures have no other reference, and a weakly held receiver would be collected
+    celeryd_after_setup.connect(consume_gpu_class_queues, weak=False)
     worker_shutting_down.connect(drain_running_stages, weak=False)
     worker_ready.connect(start_recovery, weak=False)
     worker_process_init.connect(fresh_connections, weak=False)

@@ -95,6 +95,8 @@ class TrainingConfig:
     gradient_checkpointing: bool | str = AUTO
     backend: str = AUTO
     oom_retry: bool = False
+    num_gpus: int = 1
+    gpu_class: str | None = None
     speed: str = AUTO
     checkpoint_layers: int | None = None
     chat_family: str | None = None
@@ -192,6 +194,6 @@ def resolve_hyperparameters(requested: Mapping[str, Any], n_train: int, context_
         warmup_steps=spec.warmup_steps, lr_scheduler=spec.lr_scheduler, optimizer=spec.optimizer,
         weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm, seed=spec.seed,
         gradient_checkpointing=spec.gradient_checkpointing, backend=spec.backend, oom_retry=spec.oom_retry,
-        speed=spec.speed, checkpoint_layers=spec.checkpoint_layers,
+        num_gpus=spec.num_gpus, gpu_class=spec.gpu_class, speed=spec.speed, checkpoint_layers=spec.checkpoint_layers,
         chat_family=spec.chat_family,
     )

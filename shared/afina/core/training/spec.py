@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from afina.core.catalog.registry import FAMILIES
 from afina.core.errors import InvalidRequest
+from afina.core.queue.names import GPU_CLASS_NAME, is_gpu_class_name
 
 AUTO = "auto"
 BASE_LEARNING_RATE = 2e-4
@@ -141,6 +142,8 @@ Fraction = _float_field(ge=0, lt=1)  # [0, 1)
 UnitInterval = _float_field(ge=0, le=1)
 NonNegativeFloat = _float_field(ge=0)
 StrictBool = Annotated[bool, Strict()]
+GpuCount = _int_field(1, 8)
+GpuClassName = Annotated[str, Field(pattern=f"^{GPU_CLASS_NAME}$")]
 TargetModules = Annotated[
     list[str] | Literal["all-linear"] | None,
     PlainValidator(lambda value: None if value is None else _target_modules(value)),
@@ -227,6 +230,13 @@ class TrainingSpec(BaseModel):
     checkpoint_layers: PositiveInt | None = Field(
         None, description="with gradient_checkpointing on (hf backend): how many decoder layers checkpoint their "
                           "activations, the rest keep them (selective checkpointing); null: every layer")
+    num_gpus: GpuCount = Field(
+        1, description="GPUs that train this job together (data parallel, one process per GPU); more than 1 sends "
+                       "the job to the workers that own that many GPUs of its class")
+    gpu_class: GpuClassName | None = Field(
+        None, description="the GPU class (a name the operator declares in AFINA_GPU_CLASSES, e.g. 'a100-80gb') "
+                          "whose workers train this job; null: the default class, or the smallest larger class "
+                          "when the preflight finds that the job does not fit the GPU it landed on")
     oom_retry: StrictBool = Field(
         False, description="after a CUDA out-of-memory error, retry once with half the micro-batch and twice "
                            "the accumulation (same effective batch)")
@@ -242,6 +252,14 @@ class TrainingSpec(BaseModel):
                 "afina_field", "learning_rate is derived: set learning_rate_multiplier instead "
                 f"(learning_rate = {BASE_LEARNING_RATE:g} x learning_rate_multiplier)", {"field": "learning_rate"})
         return data
+
+    @field_validator("gpu_class")
+    @classmethod
+    def _class_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_gpu_class_name(value):
+            raise ValueError(f"{value!r} is not a GPU class name: lower-case letters, digits and '-', "
+                             f"not 'x<N>' (which names a GPU count)")
+        return value
 
     @field_validator("chat_family")
     @classmethod

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from afina.core.batches import BATCH_ENDPOINTS
+from afina.core.batches import BATCH_ENDPOINTS, OutputExpiresAfter
 from afina.core.training.request import NulFreeStr
 
 BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
@@ -20,12 +20,33 @@ class BatchCreateRequest(BaseModel):
     endpoint: Literal[BATCH_ENDPOINTS] = Field(description="the endpoint every line's url names")  # type: ignore[valid-type]
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = Field(None, description="up to 16 pairs; key up to 64, value up to 512 chars")
+    output_expires_after: OutputExpiresAfter | None = Field(
+        None, description="how long the output and error files are kept after their creation (recorded on the "
+                          "batch; afina does not delete files by itself)")
 
 
 class RequestCounts(BaseModel):
     total: int
     completed: int
     failed: int
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(BaseModel):
+    """The tokens of the batch's answered requests, summed (OpenAI's ``BatchUsage``: input is the prompts')."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
 
 
 class BatchError(BaseModel):
@@ -60,6 +81,7 @@ class Batch(BaseModel):
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: RequestCounts
+    usage: BatchUsage
     metadata: dict[str, Any] | None = None
 
 

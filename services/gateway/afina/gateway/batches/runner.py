@@ -10,8 +10,11 @@ Read top to bottom, ``run_batch`` is the whole story:
    a line that fails goes to the error file, the rest go on;
 3. after every line the answers are written to the store, then the progress to the job row (fenced by the
    lease): a killed worker loses at most the line it was answering;
-4. cancellation is checked between requests: a cancelled batch keeps what finished in its files;
-5. at the end the output and error files are registered (purpose ``batch_output``) and the batch completes.
+4. cancellation and the completion window are checked between requests: a cancelled batch keeps what finished
+   in its files; a batch past its window (``expires_at``) expires as OpenAI's do — what finished stays in the
+   output file, each request not run goes to the error file as ``batch_expired``;
+5. at the end the output and error files are registered (purpose ``batch_output``) and the batch completes,
+   with the tokens of its answered requests summed (the Batch's ``usage``).
 
 The serving stack lives on one event loop thread per worker process (``ServingLoop``), so a model stays loaded
 from one batch to the next.
@@ -56,6 +59,14 @@ class LineRefused(Exception):
     def __init__(self, code: str, message: str, custom_id: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.custom_id = code, message, custom_id
+
+
+class BatchExpired(Exception):
+    """The batch's completion window ran out before its last request: it stops between requests."""
+
+
+EXPIRED_ERROR = {"code": "batch_expired",
+                 "message": "This request could not be executed before the completion window expired."}
 
 
 @dataclass
@@ -138,9 +149,23 @@ class Results:
         (self.outputs if ok else self.errors).append(orjson.dumps(line) + b"\n")
         if ok:
             self.progress.completed += 1
+            usage = (line["response"]["body"] or {}).get("usage") or {}
+            self.progress.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.progress.completion_tokens += int(usage.get("completion_tokens") or 0)
         else:
             self.progress.failed += 1
         self.progress.lines_done += 1
+
+
+def expired_line(raw: bytes) -> dict[str, Any]:
+    """A request the window left unrun, for the error file (its ``custom_id`` when the line has one)."""
+    try:
+        item = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        item = None
+    custom_id = item.get("custom_id") if isinstance(item, dict) else None
+    return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id if isinstance(custom_id, str) else None,
+            "response": None, "error": dict(EXPIRED_ERROR)}
 
 
 def _partial_keys(prefix: str) -> tuple[str, str]:
@@ -249,8 +274,12 @@ def run_batch(context: JobContext) -> None:
     results = _resume(context, prefix, progress)
     _record(context, progress)
     caller = KeyGrant(tenant_id=context.tenant_id, prefix=spec.key_prefix or "batch", scopes=("inference",))
+    expires_at = spec.expires_at(job.created_at)
     try:
-        serving_loop(runtime).run(_answer_lines(context, spec, caller, lines, results, prefix))
+        serving_loop(runtime).run(_answer_lines(context, spec, caller, lines, results, prefix, expires_at))
+    except BatchExpired:
+        _expire(context, prefix, results, lines)
+        return
     except JobCancelled:
         _publish(context, prefix, results)
         _record(context, results.progress, finish={"status": "cancelled", "message": (
@@ -263,8 +292,24 @@ def run_batch(context: JobContext) -> None:
     log_event(log, "batch.completed", batch=context.job_id, completed=counts.completed, failed=counts.failed)
 
 
+def _expire(context: JobContext, prefix: str, results: Results, lines: list[bytes]) -> None:
+    """The window ran out: every request not run goes to the error file as ``batch_expired``, what finished is
+    published, and the batch stops (``expired``; its job row ``cancelled``, with ``expired_at`` set)."""
+    progress = results.progress
+    left = lines[progress.lines_done:]
+    for raw in left:
+        results.add(expired_line(raw), False)
+    progress.expired_at = progress.expired_at or now()
+    _save_partials(context, prefix, results)
+    _publish(context, prefix, results)
+    _record(context, progress, finish={"status": "cancelled", "message": (
+        f"Batch expired: its completion window ended after {progress.completed} request(s) answered; "
+        f"{len(left)} not run went to the error file as batch_expired")})
+    log_event(log, "batch.expired", batch=context.job_id, completed=progress.completed, expired=len(left))
+
+
 async def _answer_lines(context: JobContext, spec: BatchSpec, caller: KeyGrant, lines: list[bytes],
-                        results: Results, prefix: str) -> None:
+                        results: Results, prefix: str, expires_at: int) -> None:
     dispatcher = serving_loop(context.runtime).stack.dispatcher
     seen: set[str] = set()
     for raw in lines[:results.progress.lines_done]:  # the custom_ids finished lines used, for the duplicate check
@@ -274,6 +319,8 @@ async def _answer_lines(context: JobContext, spec: BatchSpec, caller: KeyGrant, 
             pass
     for raw in lines[results.progress.lines_done:]:
         context.check_continue()  # cancel, lease lost, or a draining worker: stop between requests
+        if now() >= expires_at:
+            raise BatchExpired
         results.add(*await _answer_line(dispatcher, caller, spec.endpoint, raw, seen))
         _save_partials(context, prefix, results)
         _record(context, results.progress)

@@ -12,10 +12,17 @@ from afina.core.errors import InvalidRequest, NotFound
 from afina.core.keys import KeyGrant
 from afina.core.queue import outbox
 from afina.core.runtime import Runtime
-from afina.gateway.batches.protocol import Batch, BatchCreateRequest, BatchError, BatchErrors, BatchList, RequestCounts
+from afina.gateway.batches.protocol import (
+    Batch,
+    BatchCreateRequest,
+    BatchError,
+    BatchErrors,
+    BatchList,
+    BatchUsage,
+    RequestCounts,
+)
 from afina.gateway.params import check_no_nul
 
-COMPLETION_WINDOW_S = 24 * 3600
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
@@ -42,7 +49,8 @@ def create_batch(runtime: Runtime, caller: KeyGrant, body: BatchCreateRequest) -
                                  f"{input_file.purpose!r}; upload the requests with purpose 'batch'",
                                  param="input_file_id")
         spec = BatchSpec(endpoint=body.endpoint, input_file_id=input_file.id,
-                         completion_window=body.completion_window, key_prefix=caller.prefix)
+                         completion_window=body.completion_window, key_prefix=caller.prefix,
+                         output_expires_after=body.output_expires_after)
         job = Job(id=batch_id(), tenant_id=caller.tenant_id, model=body.endpoint, training_file=input_file.id, seed=0,
                   hyperparameters={}, method=spec.method(), kind=BATCH_KIND, status="queued", stage=BATCH_STAGE,
                   user_metadata=body.metadata)
@@ -100,6 +108,8 @@ def cancel_batch(runtime: Runtime, tenant_id: str, batch: str) -> Batch:
 def _status(job: Job, spec: BatchSpec) -> str:
     if job.status == "succeeded":
         return "completed"
+    if job.status == "cancelled" and spec.progress.expired_at is not None:
+        return "expired"  # it ran past its completion window: stopped there, like a cancel, keeping what finished
     if job.status in ("failed", "cancelled"):
         return job.status
     if job.cancel_requested:
@@ -123,10 +133,12 @@ def to_batch(job: Job) -> Batch:
                  completion_window=spec.completion_window, status=status,  # type: ignore[arg-type]
                  output_file_id=progress.output_file_id, error_file_id=progress.error_file_id,
                  created_at=job.created_at, in_progress_at=progress.in_progress_at,
-                 expires_at=job.created_at + COMPLETION_WINDOW_S, finalizing_at=progress.finalizing_at,
+                 expires_at=spec.expires_at(job.created_at), finalizing_at=progress.finalizing_at,
                  completed_at=finished if status == "completed" else None,
-                 failed_at=finished if status == "failed" else None,
+                 failed_at=finished if status == "failed" else None, expired_at=progress.expired_at,
                  cancelling_at=progress.cancelling_at, cancelled_at=finished if status == "cancelled" else None,
                  request_counts=RequestCounts(total=progress.total, completed=progress.completed,
                                               failed=progress.failed),
+                 usage=BatchUsage(input_tokens=progress.prompt_tokens, output_tokens=progress.completion_tokens,
+                                  total_tokens=progress.prompt_tokens + progress.completion_tokens),
                  metadata=job.user_metadata)

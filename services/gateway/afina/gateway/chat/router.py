@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 
 from afina.gateway.chat import service
 from afina.gateway.chat.protocol import ChatCompletion, ChatCompletionRequest
-from afina.gateway.deps import CallerDep, DispatcherDep, EndUserDep, rate_limited, require
+from afina.gateway.deps import InferenceCallDep
 from afina.gateway.error_protocol import error_responses, sse_event
-from afina.gateway.params import refuse_nul_params
 from afina.gateway.serving.headers import SSE_HEADERS, target_headers
 
-router = APIRouter(prefix="/v1/chat", tags=["chat"],
-                   dependencies=[Depends(refuse_nul_params), Depends(require("inference")), Depends(rate_limited)])
+# NUL refusal, key, scope and rate limit: the route's one dependency (``deps.inference_call``)
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
 
 # one route, two bodies: the completion as JSON, or with ``stream=true`` its chunks as Server-Sent Events
 COMPLETION = {200: {"model": ChatCompletion, "description": "The completion, or with `stream=true` its chunks as SSE.",
@@ -25,9 +24,9 @@ COMPLETION = {200: {"model": ChatCompletion, "description": "The completion, or 
 
 @router.post("/completions", response_model=None,
              responses={**COMPLETION, **error_responses(404, 429, 502, 504)})
-async def create_chat_completion(body: ChatCompletionRequest, caller: CallerDep, dispatcher: DispatcherDep,
-                                 end_user: EndUserDep) -> Response:
-    plan = await dispatcher.plan(caller.tenant_id, body.model, end_user or body.user)
+async def create_chat_completion(body: ChatCompletionRequest, call: InferenceCallDep) -> Response:
+    caller, dispatcher = call.caller, call.dispatcher
+    plan = await dispatcher.plan(caller.tenant_id, body.model, call.end_user or body.user)
     if not body.stream:
         completion, answered = await service.complete(dispatcher, caller, plan, body)
         return Response(orjson.dumps(completion.model_dump(mode="json")), media_type="application/json",

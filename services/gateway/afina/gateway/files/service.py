@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from afina.core import ids
-from afina.core.batches import BATCH_INPUT_PURPOSE
+from afina.core.batches import BATCH_INPUT_PURPOSE, BATCH_OUTPUT_PURPOSE
 from afina.core.catalog import check_model_access, resolve_base_model
 from afina.core.catalog.access import STORE_SCHEME, is_local_reference
 from afina.core.datasets.key_env import KEY_ENV_PARAM, check_key_env_allowed
@@ -25,15 +25,34 @@ from afina.core.datasets.sniff import UploadSniffer, check_archive
 from afina.core.db import repository as repo
 from afina.core.db.models import File
 from afina.core.errors import InvalidRequest
+from afina.core.keys import KeyGrant, Scope
 from afina.core.metrics import FILES_UPLOADED_BYTES
 from afina.core.queue import outbox
 from afina.core.runtime import Runtime
+from afina.gateway.deps import check_scope
 from afina.gateway.files.protocol import FILE_PURPOSES, FileList, FileObject
 from afina.gateway.files.upload import SpooledUpload
 from afina.gateway.params import check_no_nul
 
 log = logging.getLogger("afina.gateway")
 OPTIONS_FIELD = "ingest_options"
+
+# Who may upload and read a file, by its purpose: a batch's input and its output and error files are part of
+# using models (OpenAI counts them as batch usage), so the inference scope opens them; training data and the
+# results of jobs stay with the fine-tune scope. A key with either scope gets into /v1/files.
+BATCH_FILE_SCOPES: tuple[Scope, ...] = ("inference", "fine-tune")
+FINE_TUNE_FILE_SCOPES: tuple[Scope, ...] = ("fine-tune",)
+FILES_SCOPES = BATCH_FILE_SCOPES
+
+
+def scopes_for(purpose: str) -> tuple[Scope, ...]:
+    return BATCH_FILE_SCOPES if purpose in (BATCH_INPUT_PURPOSE, BATCH_OUTPUT_PURPOSE) else FINE_TUNE_FILE_SCOPES
+
+
+def check_file_scope(caller: KeyGrant | None, purpose: str) -> None:
+    """403 when ``caller`` may not upload or read files of ``purpose`` (no caller: a worker, always allowed)."""
+    if caller is not None:
+        check_scope(caller, scopes_for(purpose), f"needed for files of purpose {purpose!r}")
 
 
 def check_purpose(fields: dict[str, str], *, required: bool) -> None:
@@ -109,14 +128,18 @@ class UploadForm:
     ``container``); sent after it, they are still validated before anything is stored.
     """
 
-    def __init__(self, runtime: Runtime | None = None, tenant_id: str | None = None) -> None:
+    def __init__(self, runtime: Runtime | None = None, tenant_id: str | None = None,
+                 caller: KeyGrant | None = None) -> None:
         self.options: IngestOptions | None = None
         self.sniffer: UploadSniffer | None = None
         self.runtime = runtime  # with the tenant: options are checked against what it may name, before the file
         self.tenant_id = tenant_id
+        self.caller = caller  # with it, a purpose its key may not upload stops the upload before the file
 
     def before_file(self, fields: dict[str, str]) -> None:
         check_purpose(fields, required=False)
+        if "purpose" in fields:
+            check_file_scope(self.caller, fields["purpose"])
         if OPTIONS_FIELD in fields:
             self.options = parse_ingest_options(fields[OPTIONS_FIELD], self.runtime, self.tenant_id)
 
@@ -140,13 +163,14 @@ def stored_filename(name: str) -> str:
 
 
 def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, options: IngestOptions | None = None,
-                 container: str | None = None) -> FileObject:
+                 container: str | None = None, *, caller: KeyGrant | None = None) -> FileObject:
     """Move a checked upload into the store, register it, and queue its ingest; the sha256 is the store's own.
 
     A fine-tune file starts ``uploaded`` and becomes ``processed`` or ``error`` when the ingest
     worker is done with it. A ZIP's members are checked before anything is stored.
     """
     check_purpose(upload.fields, required=True)
+    check_file_scope(caller, upload.fields["purpose"])  # a purpose sent after the file is checked here
     check_ingest_options(runtime, tenant_id, options)
     if container == "zip":
         check_archive(upload.path, upload.filename, max_expanded_bytes=runtime.settings.max_archive_expanded_bytes)
@@ -175,10 +199,13 @@ def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, option
 
 
 def list_files(runtime: Runtime, tenant_id: str, *, purpose: str | None, after: str | None, limit: int,
-               order: str) -> FileList:
+               order: str, caller: KeyGrant | None = None) -> FileList:
+    """The tenant's files, newest first; with ``caller``, only those its key may read."""
     check_no_nul("purpose", purpose)  # the registry's text cannot hold NUL: a 400, not a failed query
     with runtime.db.session() as session:
         rows = repo.list_files(session, tenant_id, purpose)
+    if caller is not None:
+        rows = [row for row in rows if any(caller.allows(scope) for scope in scopes_for(row.purpose))]
     if order == "asc":
         rows.reverse()
     if after:
@@ -191,24 +218,29 @@ def list_files(runtime: Runtime, tenant_id: str, *, purpose: str | None, after: 
                     first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
 
 
-def get_file(runtime: Runtime, tenant_id: str, file_id: str) -> File:
+def get_file(runtime: Runtime, tenant_id: str, file_id: str, *, caller: KeyGrant | None = None) -> File:
+    """The tenant's file (404 for another tenant's); with ``caller``, 403 when its key may not read it."""
     check_no_nul("file_id", file_id)
     with runtime.db.session() as session:
-        return repo.get_file(session, tenant_id, file_id)
+        row = repo.get_file(session, tenant_id, file_id)
+    check_file_scope(caller, row.purpose)
+    return row
 
 
-def delete_file(runtime: Runtime, tenant_id: str, file_id: str) -> None:
+def delete_file(runtime: Runtime, tenant_id: str, file_id: str, *, caller: KeyGrant | None = None) -> None:
     """Remove the object, then commit the row's removal (a failed delete leaves both in place)."""
     check_no_nul("file_id", file_id)
     with runtime.db.session() as session:
         row = repo.get_file(session, tenant_id, file_id)
+        check_file_scope(caller, row.purpose)
         runtime.store.delete(row.object_key)
         session.delete(row)
 
 
-def open_content(runtime: Runtime, tenant_id: str, file_id: str) -> tuple[File, Iterator[bytes]]:
+def open_content(runtime: Runtime, tenant_id: str, file_id: str, *,
+                 caller: KeyGrant | None = None) -> tuple[File, Iterator[bytes]]:
     """The row and its bytes; the first chunk is read here, so a missing object is a 404, not a cut stream."""
-    row = get_file(runtime, tenant_id, file_id)
+    row = get_file(runtime, tenant_id, file_id, caller=caller)
     chunks = runtime.store.iter_chunks(row.object_key)
     first = next(chunks, b"")
     return row, itertools.chain([first], chunks)

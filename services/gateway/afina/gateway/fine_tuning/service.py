@@ -19,6 +19,7 @@ from afina.core.catalog.resolved import ResolvedBaseModel
 from afina.core.db import repository as repo
 from afina.core.db.models import Checkpoint, Job, JobEvent
 from afina.core.errors import InvalidRequest, NotFound
+from afina.core.gpu_classes import check_job_placement
 from afina.core.logging import log_event
 from afina.core.naming import checkpoint_model_name, fine_tuned_model_name
 from afina.core.queue import outbox
@@ -86,6 +87,7 @@ def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> F
     """Check everything the request says (model, hyperparameters, files) before a row is written."""
     training = request.training_spec()
     check_export_options(runtime.settings, tenant_id, request.export)
+    check_job_placement(runtime.settings, training.gpu_class, training.num_gpus)
     _check_model_access(request.model, tenant_id)  # before the store is read for the model's files
     parent = _fine_tuned_parent(runtime, tenant_id, request.model)
     base_model = parent.base_model if parent is not None else request.model
@@ -104,7 +106,8 @@ def create_job(runtime: Runtime, tenant_id: str, request: CreateJobRequest) -> F
                   training_file=request.training_file, validation_file=request.validation_file,
                   suffix=request.suffix, seed=seed, hyperparameters=training.requested(), method=_method(parent),
                   export_options=stored_options(request.export),
-                  user_metadata=request.metadata, status="validating_files", stage="ingest")
+                  user_metadata=request.metadata, status="validating_files", stage="ingest",
+                  gpu_class=training.gpu_class, num_gpus=training.num_gpus)
         session.add(job)
         session.flush()
         repo.add_event(session, job.id, f"Created fine-tuning job: {job.id}")

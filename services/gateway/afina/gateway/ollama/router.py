@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from afina.core.errors import AfinaError
 from afina.core.keys import KeyGrant
 from afina.gateway.chat.service import mid_stream_error
-from afina.gateway.deps import CallerDep, DispatcherDep, EndUserDep, RuntimeDep, TenantDep, rate_limited, require
+from afina.gateway.deps import DispatcherDep, InferenceCallDep, RuntimeDep, TenantDep, require
 from afina.gateway.inference.base import UpstreamError
 from afina.gateway.models import exports
 from afina.gateway.ollama import service
@@ -34,9 +34,11 @@ from afina.gateway.ollama.protocol import (
 from afina.gateway.params import refuse_nul_params
 from afina.gateway.serving.headers import target_headers
 
-router = APIRouter(prefix="/api", tags=["ollama"], dependencies=[Depends(refuse_nul_params)])
-INFERENCE = [Depends(require("inference"))]
-CALL = [*INFERENCE, Depends(rate_limited)]  # what generates or embeds counts against the key's limits
+# every route refuses a NUL in its parameters: those that generate or embed through their one dependency
+# (``deps.inference_call``: NUL, key, scope, the key's rate limits), the others through ``CHECKED``
+router = APIRouter(prefix="/api", tags=["ollama"])
+CHECKED = [Depends(refuse_nul_params)]
+INFERENCE = [*CHECKED, Depends(require("inference"))]
 root_router = APIRouter(tags=["ollama"])
 NDJSON = "application/x-ndjson"
 # the Ollama API version whose docs/api.md these routes follow
@@ -49,7 +51,7 @@ def ollama_is_running() -> PlainTextResponse:
     return PlainTextResponse("Ollama is running")
 
 
-@router.get("/version")
+@router.get("/version", dependencies=CHECKED)
 def version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
 
@@ -86,10 +88,10 @@ async def _load_or_unload(dispatcher: DispatcherDep, tenant: str, plan: Any, kee
                          "done_reason": reason})
 
 
-@router.post("/chat", dependencies=CALL, response_model=None)
-async def chat(body: ChatRequest, caller: CallerDep, dispatcher: DispatcherDep,
-               end_user: EndUserDep) -> JSONResponse | StreamingResponse:
-    plan = await dispatcher.plan(caller.tenant_id, body.model, end_user)
+@router.post("/chat", response_model=None)
+async def chat(body: ChatRequest, call: InferenceCallDep) -> JSONResponse | StreamingResponse:
+    caller, dispatcher = call.caller, call.dispatcher
+    plan = await dispatcher.plan(caller.tenant_id, body.model, call.end_user)
     if not body.messages:
         return await _load_or_unload(dispatcher, caller.tenant_id, plan, body.keep_alive,
                                      {"message": {"role": "assistant", "content": ""}})
@@ -97,19 +99,20 @@ async def chat(body: ChatRequest, caller: CallerDep, dispatcher: DispatcherDep,
                           service.chat_body, body.stream)
 
 
-@router.post("/generate", dependencies=CALL, response_model=None)
-async def generate(body: GenerateRequest, caller: CallerDep, dispatcher: DispatcherDep,
-                   end_user: EndUserDep) -> JSONResponse | StreamingResponse:
-    plan = await dispatcher.plan(caller.tenant_id, body.model, end_user)
+@router.post("/generate", response_model=None)
+async def generate(body: GenerateRequest, call: InferenceCallDep) -> JSONResponse | StreamingResponse:
+    caller, dispatcher = call.caller, call.dispatcher
+    plan = await dispatcher.plan(caller.tenant_id, body.model, call.end_user)
     if not body.prompt and not body.system:
         return await _load_or_unload(dispatcher, caller.tenant_id, plan, body.keep_alive, {"response": ""})
     return await _respond(dispatcher, caller, plan, lambda model: service.generate_request(body, plan, model),
                           service.generate_body, body.stream)
 
 
-@router.post("/embed", dependencies=CALL)
-async def embed(body: EmbedRequest, caller: CallerDep, dispatcher: DispatcherDep) -> JSONResponse:
+@router.post("/embed")
+async def embed(body: EmbedRequest, call: InferenceCallDep) -> JSONResponse:
     started = time.perf_counter_ns()
+    caller, dispatcher = call.caller, call.dispatcher
     plan = await dispatcher.plan(caller.tenant_id, body.model)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     embeddings, answered = await dispatcher.embed(caller, plan, inputs, truncate=body.truncate,
@@ -119,11 +122,11 @@ async def embed(body: EmbedRequest, caller: CallerDep, dispatcher: DispatcherDep
                          "prompt_eval_count": embeddings.prompt_tokens}, headers=target_headers(answered))
 
 
-@router.post("/embeddings", dependencies=CALL)
-async def embeddings(body: EmbeddingsRequest, caller: CallerDep, dispatcher: DispatcherDep) -> JSONResponse:
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingsRequest, call: InferenceCallDep) -> JSONResponse:
     """The legacy single-prompt form of ``/api/embed``."""
-    plan = await dispatcher.plan(caller.tenant_id, body.model)
-    result, answered = await dispatcher.embed(caller, plan, [body.prompt],
+    plan = await call.dispatcher.plan(call.caller.tenant_id, body.model)
+    result, answered = await call.dispatcher.embed(call.caller, plan, [body.prompt],
                                               keep_alive_s=keep_alive_seconds(body.keep_alive))
     return JSONResponse({"embedding": result.vectors[0]}, headers=target_headers(answered))
 
@@ -149,7 +152,7 @@ async def ps(runtime: RuntimeDep, tenant: TenantDep, dispatcher: DispatcherDep) 
                        for model in running if names.get(model.name)]}
 
 
-@router.delete("/delete", dependencies=[Depends(require("fine-tune"))])
+@router.delete("/delete", dependencies=[*CHECKED, Depends(require("fine-tune"))])
 def delete(body: ModelRequest, runtime: RuntimeDep, tenant: TenantDep) -> JSONResponse:
     """A fine-tune of this tenant, as ``DELETE /v1/models/{model}`` does (Ollama's registration first)."""
     exports.delete_model(runtime, tenant, body.target)

@@ -9,6 +9,11 @@ kept: a revoked key is refused by the very next request, a moved alias answers f
 in every gateway process alike. Writes are rare next to reads, so dropping everything on any write
 costs little and leaves no per-entry invalidation to get wrong.
 
+A request reads the counter once, not at each lookup: a read that started after the request reached the
+gateway (``REQUEST_STARTED``, set by the gateway's middleware) saw every commit the request must see, so its
+later lookups, and those of requests that arrived before that read, use it. Outside a request (no start
+set) every lookup reads the counter.
+
 Nothing read at one generation is kept under a later one: a row read from the database is stored
 only if the counter still reads what it read before the row was fetched. When the counter cannot be
 read, nothing is served from memory. Unknown keys are never kept (an unbounded set an attacker picks);
@@ -17,8 +22,10 @@ names, found or not, are, up to ``max_entries`` per kind (the oldest go first).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +41,8 @@ from afina.gateway.registry.generation import GenerationReader
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_ENTRIES = 4096
+# ``time.perf_counter()`` when the request being served reached the gateway's middleware (none: +inf)
+REQUEST_STARTED: ContextVar[float] = ContextVar("afina_request_started", default=math.inf)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class RegistryCache:
         self._keys: dict[str, KeyGrant] = {}  # by the key's sha256, never the key
         self._names: dict[tuple[str, str], NameEntry] = {}
         self._filled_at: int | None = None
+        self._read_started = -math.inf  # when the read that gave ``_filled_at`` started (-inf: none to reuse)
         self.lookups = 0  # database reads made (tests and the bench read it)
 
     async def grant(self, api_key: str | None) -> KeyGrant:
@@ -99,11 +109,18 @@ class RegistryCache:
         self._names.clear()
 
     async def _current(self) -> int | None:
-        """The counter now; what memory holds is dropped when it moved (or cannot be read)."""
+        """The counter as of the request's start or later; what memory holds is dropped when it moved (or cannot
+        be read)."""
+        if self._read_started >= REQUEST_STARTED.get():
+            return self._filled_at  # read after this request arrived: it saw every commit before it
+        started = time.perf_counter()
         value = await self.generation.current()
         if value is None or value != self._filled_at:
             self.clear()
             self._filled_at = value
+            self._read_started = -math.inf
+        if value is not None and started > self._read_started:
+            self._read_started = started
         return value
 
     def _keep(self, entries: dict[K, V], key: K, value: V, generation: int | None) -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from afina.core.errors import InferenceUnavailable, Overloaded
 from afina.core.metrics import GATEWAY_QUEUE_WAIT, bounded_label
+from afina.gateway.serving.metric_series import series
 
 
 @dataclass
@@ -45,39 +44,61 @@ class ModelLimiter:
             gate = self._gates[key] = _Gate(asyncio.Semaphore(max(1, concurrency)))
         return gate
 
-    @asynccontextmanager
-    async def slot(self, key: str, concurrency: int, *, label: str) -> AsyncIterator[None]:
-        """Hold one of the model's slots for the duration of the block."""
-        gate = self._gate(key, concurrency)
-        if gate.semaphore.locked():
-            expected_wait_s = (gate.waiting + 1) * (gate.call_s or 0.0) / max(1, concurrency)
-            if gate.waiting >= self.max_queue or (self.max_wait_s is not None and expected_wait_s > self.max_wait_s):
-                raise Overloaded(f"The model {label} is at capacity ({gate.in_flight} requests running, "
-                                 f"{gate.waiting} waiting); retry shortly.",
-                                 retry_after_s=max(1.0, min(expected_wait_s, self.max_wait_s or expected_wait_s)))
-        gate.waiting += 1
-        started = time.perf_counter()
-        try:
-            # not wait_for: on 3.11 it acquires in a new task, a loop step late, and callers arriving together
-            # on an idle model all passed the full-queue check above
-            async with asyncio.timeout(self.queue_timeout_s):
-                await gate.semaphore.acquire()
-        except TimeoutError:
-            raise InferenceUnavailable(f"The model {label} did not become free within "
-                                       f"{self.queue_timeout_s:.0f}s; retry later.", code="model_busy") from None
-        finally:
-            gate.waiting -= 1
-        GATEWAY_QUEUE_WAIT.labels(model=bounded_label("model", label)).observe(time.perf_counter() - started)
-        gate.in_flight += 1
-        held_from = time.perf_counter()
-        try:
-            yield
-        finally:
-            gate.in_flight -= 1
-            gate.semaphore.release()
-            held_s = time.perf_counter() - held_from
-            gate.call_s = held_s if gate.call_s is None else (1 - CALL_S_WEIGHT) * gate.call_s + CALL_S_WEIGHT * held_s
+    def slot(self, key: str, concurrency: int, *, label: str) -> _Slot:
+        """One of the model's slots, held for the duration of an ``async with`` block."""
+        return _Slot(self, self._gate(key, concurrency), concurrency, label)
 
     def waiting(self, key: str) -> int:
         gate = self._gates.get(key)
         return gate.waiting if gate is not None else 0
+
+
+class _Slot:
+    """An async context manager, not ``@asynccontextmanager``: this is entered and left by every proxied request,
+    and a generator-based one cost several times the work. A free model's slot is taken at once, with no
+    timeout to arm (``Semaphore.acquire`` does not suspend while the semaphore is not locked)."""
+
+    __slots__ = ("_limiter", "_gate", "_concurrency", "_label", "_held_from")
+
+    def __init__(self, limiter: ModelLimiter, gate: _Gate, concurrency: int, label: str) -> None:
+        self._limiter = limiter
+        self._gate = gate
+        self._concurrency = concurrency
+        self._label = label
+        self._held_from = 0.0
+
+    async def __aenter__(self) -> None:
+        gate, limiter, label = self._gate, self._limiter, self._label
+        if gate.semaphore.locked():
+            expected_wait_s = (gate.waiting + 1) * (gate.call_s or 0.0) / max(1, self._concurrency)
+            if gate.waiting >= limiter.max_queue or (limiter.max_wait_s is not None
+                                                     and expected_wait_s > limiter.max_wait_s):
+                raise Overloaded(f"The model {label} is at capacity ({gate.in_flight} requests running, "
+                                 f"{gate.waiting} waiting); retry shortly.",
+                                 retry_after_s=max(1.0, min(expected_wait_s, limiter.max_wait_s or expected_wait_s)))
+            started = time.perf_counter()
+            gate.waiting += 1
+            try:
+                # not wait_for: on 3.11 it acquires in a new task, a loop step late, and callers arriving together
+                # on an idle model all passed the full-queue check above
+                async with asyncio.timeout(limiter.queue_timeout_s):
+                    await gate.semaphore.acquire()
+            except TimeoutError:
+                raise InferenceUnavailable(f"The model {label} did not become free within "
+                                           f"{limiter.queue_timeout_s:.0f}s; retry later.", code="model_busy") from None
+            finally:
+                gate.waiting -= 1
+            waited_s = time.perf_counter() - started
+        else:
+            await gate.semaphore.acquire()  # free: taken without suspending
+            waited_s = 0.0
+        series(GATEWAY_QUEUE_WAIT, bounded_label("model", label)).observe(waited_s)
+        gate.in_flight += 1
+        self._held_from = time.perf_counter()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        gate = self._gate
+        gate.in_flight -= 1
+        gate.semaphore.release()
+        held_s = time.perf_counter() - self._held_from
+        gate.call_s = held_s if gate.call_s is None else (1 - CALL_S_WEIGHT) * gate.call_s + CALL_S_WEIGHT * held_s

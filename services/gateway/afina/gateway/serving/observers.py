@@ -16,6 +16,7 @@ from afina.core.metrics import (
     bounded_label,
 )
 from afina.gateway.serving.exchange import Exchange
+from afina.gateway.serving.metric_series import series
 from afina.gateway.serving.ratelimit import KeyRateLimiter
 
 log = logging.getLogger("afina.gateway.access")
@@ -32,22 +33,24 @@ class TokenMeter:
 
 
 async def record_metrics(exchange: Exchange) -> None:
-    labels = {"model": bounded_label("model", exchange.target), "route": bounded_label("route", exchange.plan.route
-                                                                                         or "-"),
-              "tenant": bounded_label("tenant", exchange.caller.tenant_id)}
-    GATEWAY_REQUEST_SECONDS.labels(**labels).observe(exchange.seconds)
+    model = bounded_label("model", exchange.target)
+    route = bounded_label("route", exchange.plan.route or "-")
+    tenant = bounded_label("tenant", exchange.caller.tenant_id)
+    series(GATEWAY_REQUEST_SECONDS, model, route, tenant).observe(exchange.seconds)
     if exchange.first_piece_seconds is not None:
-        GATEWAY_TTFT_SECONDS.labels(**labels).observe(exchange.first_piece_seconds)
+        series(GATEWAY_TTFT_SECONDS, model, route, tenant).observe(exchange.first_piece_seconds)
     generating_s = exchange.seconds - (exchange.first_piece_seconds or 0.0)
     if exchange.completion_tokens > 1 and generating_s > 0:
-        GATEWAY_TOKENS_PER_SECOND.labels(model=labels["model"]).observe(
+        series(GATEWAY_TOKENS_PER_SECOND, model).observe(
             (exchange.completion_tokens - (1 if exchange.stream else 0)) / generating_s)
     for kind, count in (("prompt", exchange.prompt_tokens), ("completion", exchange.completion_tokens)):
-        GATEWAY_TOKENS.labels(kind=kind, **labels).inc(count)
-        INFERENCE_TOKENS.labels(kind=kind).inc(count)
+        series(GATEWAY_TOKENS, kind, model, route, tenant).inc(count)
+        series(INFERENCE_TOKENS, kind).inc(count)
 
 
 async def access_log(exchange: Exchange) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return  # the fields are not worth gathering for a line no handler takes
     log_event(log, "inference.answered", exchange=exchange.id, tenant=exchange.caller.tenant_id,
               key=exchange.caller.prefix, requested=exchange.plan.requested, route=exchange.plan.route,
               target=exchange.target, prompt_tokens=exchange.prompt_tokens,

@@ -22,6 +22,7 @@ from afina.core.settings import Settings
 
 WINDOW_S = 60
 KEY_PREFIX = "afina:ratelimit:"
+RATE_STATE = "rate_limit"  # the key's RateState, put on request.state when it is admitted (``deps``)
 
 
 class Windows(Protocol):

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from afina.core.datasets import formats as limits
 from afina.core.datasets.formats import ARCHIVE_SUFFIXES
 from afina.core.datasets.options import IngestOptions, PairedOptions
 from afina.core.errors import DatasetInvalid
 from afina.ingest.records import RowIssue, SourceRow
-from afina.ingest.sources import limits
 from afina.ingest.sources.encoding import sniff_encoding
 from afina.ingest.sources.text import read_text
 

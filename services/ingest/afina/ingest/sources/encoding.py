@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from afina.core.datasets.formats import looks_binary
+from afina.core.datasets.formats import SNIFF_BYTES, looks_binary
 from afina.core.errors import DatasetInvalid, InvalidRequest
 from afina.ingest.records import RowIssue
-from afina.ingest.sources.limits import SNIFF_BYTES
 
 _BOMS: tuple[tuple[bytes, str, str], ...] = (
     # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one

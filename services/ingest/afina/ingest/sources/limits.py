@@ -3,27 +3,16 @@
 Module constants (not settings) because they protect the worker itself, not a
 user preference; tests read them to build inputs just over each cap. The caps the
 gateway's upload sniff applies too (the line length, the archive caps, how much of a
-file the sniffers read) are ``afina.core.datasets.formats``'s, re-exported here so a
-reader and its test name one module.
+file the sniffers read) live in ``afina.core.datasets.formats`` and are read from there;
+the line length is re-exported here because the record caps below are sized from it.
 """
 
 from __future__ import annotations
 
-from afina.core.datasets.formats import (
-    MAX_ARCHIVE_MEMBER_BYTES,
-    MAX_ARCHIVE_MEMBERS,
-    MAX_ARCHIVE_TOTAL_BYTES,
-    MAX_COMPRESSION_RATIO,
-    MAX_LINE_BYTES,
-    RATIO_CHECK_MIN_BYTES,
-    SNIFF_BYTES,
-    GiB,
-    MiB,
-)
+from afina.core.datasets.formats import MAX_LINE_BYTES, MiB
 
-__all__ = ["MAX_ARCHIVE_MEMBERS", "MAX_ARCHIVE_MEMBER_BYTES", "MAX_ARCHIVE_TOTAL_BYTES", "MAX_COMPRESSION_RATIO",
-           "MAX_CSV_FIELD_CHARS", "MAX_CSV_RECORD_CHARS", "MAX_ENCRYPTED_FILE_BYTES", "MAX_JSON_DEPTH",
-           "MAX_LINE_BYTES", "MAX_TEXT_BYTES", "RATIO_CHECK_MIN_BYTES", "SNIFF_BYTES", "GiB", "MiB"]
+__all__ = ["MAX_CSV_FIELD_CHARS", "MAX_CSV_RECORD_CHARS", "MAX_ENCRYPTED_FILE_BYTES", "MAX_JSON_DEPTH",
+           "MAX_LINE_BYTES", "MAX_TEXT_BYTES", "MiB"]
 
 # One CSV field: as large as one JSONL record may be. Enforced by afina's own instance of the csv
 # module (``csv_rows``): the process-wide ``csv.field_size_limit`` is left as it is.
