@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,23 @@ def checkpoint_rows(runtime: Runtime, job_id: str) -> list[Any]:
     with runtime.db.session() as session:
         rows, _ = repo.list_checkpoints(session, job_id, None, 1000)
         return rows
+
+
+def cancel_after_step(runtime: Runtime, job_id: str, step: int, timeout_s: float = 240) -> threading.Thread:
+    """A started thread that asks to cancel the job once its metrics reach ``step`` (as a user would, mid-run)."""
+
+    def cancel() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if max(training_metrics(runtime, job_id), default=0) >= step:
+                with runtime.db.session() as session:
+                    repo.request_cancel(session, TENANT, job_id)
+                return
+            time.sleep(0.1)
+
+    canceller = threading.Thread(target=cancel, daemon=True)
+    canceller.start()
+    return canceller
 
 
 def finite(value: Any) -> bool:

@@ -23,7 +23,6 @@ import pytest
 
 from afina.core.artifacts.adapter import ADAPTER_MARKER, AdapterManifest
 from afina.core.datasets.layout import adapter_prefix, checkpoint_prefix
-from afina.core.db import repository as repo
 from afina.core.queue.jobs import run_stage
 from afina.trainer import distributed
 from afina.trainer.recipe import train_job
@@ -31,6 +30,7 @@ from tests.integration.trainer.conftest import (
     RUN_HYPERPARAMETERS,
     TENANT,
     Run,
+    cancel_after_step,
     checkpoint_rows,
     job_events,
     job_row,
@@ -157,17 +157,7 @@ def test_cancelling_stops_both_ranks_at_one_checkpoint(model_cache: Path, tmp_pa
     job_id = new_job(runtime, {**HYPERPARAMETERS, "num_gpus": 2, "max_steps": 12, "save_steps": 50},
                      validation=False)
 
-    def cancel_after_step_1() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if max(training_metrics(runtime, job_id), default=0) >= 1:
-                with runtime.db.session() as session:
-                    repo.request_cancel(session, TENANT, job_id)
-                return
-            time.sleep(0.1)
-
-    canceller = threading.Thread(target=cancel_after_step_1, daemon=True)
-    canceller.start()
+    canceller = cancel_after_step(runtime, job_id, 1)
     assert run_stage(runtime, job_id, "train", train_job) == "cancelled"
     canceller.join()
     job = job_row(runtime, job_id)

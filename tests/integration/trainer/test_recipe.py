@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tests.integration.trainer.conftest import (
     TENANT,
     TRAIN_EXAMPLES,
     Run,
+    cancel_after_step,
     checkpoint_rows,
     finite,
     job_events,
@@ -201,17 +201,7 @@ def test_cancelling_mid_run_saves_a_checkpoint_and_stops(model_cache: Path, tmp_
     runtime = make_runtime(tmp_path / "home", model_cache)
     job_id = new_job(runtime, {**RUN_HYPERPARAMETERS, "n_epochs": 3, "save_steps": 50}, validation=False)
 
-    def cancel_after_step_2() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if max(training_metrics(runtime, job_id), default=0) >= 2:
-                with runtime.db.session() as session:
-                    repo.request_cancel(session, TENANT, job_id)
-                return
-            time.sleep(0.1)
-
-    canceller = threading.Thread(target=cancel_after_step_2, daemon=True)
-    canceller.start()
+    canceller = cancel_after_step(runtime, job_id, 2)
     assert run_stage(runtime, job_id, "train", train_job) == "cancelled"
     canceller.join()
 
