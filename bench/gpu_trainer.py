@@ -166,8 +166,10 @@ def run_afina(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     if getattr(args, "profile", False):
         profile_steps(20, 22, PROFILES)
+    if getattr(args, "profile_startup", False):
+        profile_startup(STARTUPS)
     for attempt in range(args.jobs):
-        profiled_before = len(PROFILES)
+        profiled_before, startups_before = len(PROFILES), len(STARTUPS)
         job_id = _new_job(runtime, ids, repo, Job, args.model_dir, data, hyperparameters)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -213,6 +215,7 @@ def run_afina(args: argparse.Namespace) -> dict[str, Any]:
             "kernels": next((m for m in messages if m.startswith("Fused kernels")), None),
             # every step's duration, in order: a slow phase inside a job shows here, not in a mean
             "profile": PROFILES[profiled_before:],
+            "startup_profile": STARTUPS[startups_before:],
             "step_seconds": [round((steps[n] - steps[n - 1]) / 1e9, 4) for n in sorted(steps) if n - 1 in steps],
         })
     return {"kind": "afina", "backend": args.backend, "model": Path(args.model_dir).name, "data": args.data,
@@ -300,6 +303,47 @@ def profile_steps(first: int, last: int, sink: list[dict[str, Any]]) -> None:
     recipe.LoRAFinetuneRecipe._setup_trainer = setup_with_profiler
 
 
+STARTUPS: list[dict[str, Any]] = []  # one entry a job whose start-up was profiled (--profile-startup)
+
+
+def profile_startup(sink: list[dict[str, Any]]) -> None:
+    """Make every afina job of this process run under cProfile from its recipe's setup to its first optimizer
+    step, and append the functions that took the most time (cumulative and own) to ``sink``: where the
+    warm-start seconds go (issue 15), function by function, not only phase by phase."""
+    import cProfile
+    import pstats
+
+    from afina.trainer import recipe
+
+    real_setup, real_first_step = recipe.LoRAFinetuneRecipe.setup, recipe.LoRAFinetuneRecipe._first_step_done
+    if getattr(real_setup, "profiled", False):
+        return
+    state: dict[str, Any] = {}
+
+    def setup(self: Any) -> None:
+        state["profiler"] = cProfile.Profile()
+        state["profiler"].enable()
+        real_setup(self)
+
+    def first_step_done(self: Any) -> None:
+        real_first_step(self)
+        profiler = state.pop("profiler", None)
+        if profiler is None:
+            return
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        rows = [(f"{func[0].split('site-packages/')[-1]}:{func[1]}({func[2]})", calls, own, cumulative)
+                for func, (_, calls, own, cumulative, _) in stats.stats.items()]  # type: ignore[attr-defined]
+        def top(index: int) -> list[list[Any]]:
+            return [[name[-110:], calls, round(own, 3), round(cumulative, 3)]
+                    for name, calls, own, cumulative in sorted(rows, key=lambda r: r[index], reverse=True)[:30]]
+        sink.append({"phases": self.phases.summary(), "by_cumulative_s": top(3), "by_own_s": top(2)})
+
+    setup.profiled = True  # type: ignore[attr-defined]
+    recipe.LoRAFinetuneRecipe.setup = setup
+    recipe.LoRAFinetuneRecipe._first_step_done = first_step_done
+
+
 # the bare loops (the baselines) ------------------------------------------------
 
 def run_bare_unsloth(args: argparse.Namespace) -> dict[str, Any]:
@@ -309,11 +353,13 @@ def run_bare_unsloth(args: argparse.Namespace) -> dict[str, Any]:
 
     model, _ = FastLanguageModel.from_pretrained(model_name=args.model_dir, max_seq_length=args.seq,
                                                  dtype=torch.bfloat16, load_in_4bit=False, local_files_only=True)
-    # Unsloth's defaults, as its notebooks set them: offloaded ("unsloth") gradient checkpointing
+    # Unsloth's defaults, as its notebooks set them: offloaded ("unsloth") gradient checkpointing; off with
+    # --no-checkpointing (the hand-tuned setting: what the GPU allows when the memory is known)
+    checkpointing = "unsloth" if getattr(args, "checkpointing", True) else False
     model = FastLanguageModel.get_peft_model(
-        model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", use_gradient_checkpointing="unsloth",
+        model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", use_gradient_checkpointing=checkpointing,
         target_modules=list(LORA_TARGETS), random_state=1234, max_seq_length=args.seq)
-    return _bare_loop(model, args, "bare-unsloth")
+    return _bare_loop(model, args, "bare-unsloth" if checkpointing else "bare-unsloth-no-checkpointing")
 
 
 def run_bare_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -424,6 +470,12 @@ PLAN: dict[str, list[str]] = {
     "auto-pairs-unsloth-qwen": ["paired", "--shape", "qwen2.5-1.5b", "--backend", "unsloth", "--rounds", "2",
                                 "--batch", "16", "--bare-batch", "4", "--speed", "auto"],
     "bare-unsloth-default-llama": ["bare-unsloth", "--shape", "llama-3.2-1b", "--batch", "4", "--accumulation", "4"],
+    # the best hand-tuned bare setting of the issue (micro-batch 16, no checkpointing): the card's ceiling for MFU
+    "bare-unsloth-tuned-llama": ["bare-unsloth", "--shape", "llama-3.2-1b", "--batch", "16", "--no-checkpointing"],
+    # where a warm job's start-up goes, function by function (cProfile slows the Python it profiles: its
+    # seconds are not the warm-start figures; warm-start-unsloth-llama has those)
+    "startup-profile-unsloth-llama": ["afina", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--batch", "16",
+                                      "--speed", "auto", "--jobs", "2", "--preload", "--profile-startup"],
     "afina-hf-auto-llama": ["afina", "--shape", "llama-3.2-1b", "--backend", "hf", "--batch", "16",
                             "--speed", "auto"],
     "afina-unsloth-auto-llama-chat-unpacked": ["afina", "--shape", "llama-3.2-1b", "--backend", "unsloth", "--data",
@@ -501,9 +553,12 @@ def main() -> None:
     afina.add_argument("--speed", choices=["auto", "off"], default="off")
     afina.add_argument("--preload", action="store_true", help="warm the process up first, as a worker does")
     afina.add_argument("--profile", action="store_true", help="torch.profiler over steps 20-22 of every job")
+    afina.add_argument("--profile-startup", action="store_true",
+                       help="cProfile from each job's setup to its first optimizer step")
     afina.add_argument("--cache-dir", default="/tmp/afina-bench-cache", help="the compile caches' volume")
     afina.add_argument("--quantization", choices=["none", "4bit"], default="none")
-    sub.add_parser("bare-unsloth", parents=[every])
+    bare_unsloth = sub.add_parser("bare-unsloth", parents=[every])
+    bare_unsloth.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     bare_hf = sub.add_parser("bare-hf", parents=[every])
     bare_hf.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     paired = sub.add_parser("paired", parents=[every])

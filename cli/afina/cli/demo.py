@@ -79,14 +79,17 @@ def run(home: Path, keep_running: bool, epochs: int) -> int:
         print(f"      base model  : {_ask(client, 'smollm2-135m-instruct', QUESTION)}")
         print(f"      fine-tuned  : {_ask(client, job.fine_tuned_model, QUESTION)}")
         _print_evaluation(client, job.id)
+        from afina.core.datasets.layout import adapter_prefix, job_prefix, model_prefix
+
         store_root = Path(state.home) / "store"
         tenant = job.organization_id
         print()
         print(f"model name : {job.fine_tuned_model}")
-        print(f"artifacts  : {store_root / 'models' / tenant / job.id}")
-        print(f"adapter    : {store_root / 'jobs' / job.id / 'adapter'}")
-        print(f"report     : {store_root / 'jobs' / job.id / 'report' / 'report.md'}")
-        print(f"evaluation : {store_root / 'jobs' / tenant / job.id / 'evaluation'}")
+        job_dir = store_root / job_prefix(tenant, job.id)
+        print(f"artifacts  : {store_root / model_prefix(tenant, job.id)}")
+        print(f"adapter    : {store_root / adapter_prefix(tenant, job.id)}")
+        print(f"report     : {job_dir / 'report' / 'report.md'} (also .html and .pdf)")
+        print(f"evaluation : {job_dir / 'evaluation'}")
         print(f"total time : {time.monotonic() - started:.0f} s")
         if keep_running:
             print(f"\nstill running: OPENAI_BASE_URL={state.base_url} OPENAI_API_KEY={state.api_key}; "

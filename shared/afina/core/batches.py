@@ -9,12 +9,11 @@ themselves are in the store, next to that progress (``output.partial.jsonl``, ``
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from afina.core import ids
 from afina.core.db.models import Job
+from afina.core.file_expiry import ExpiresAfter
 
 BATCH_KIND = "batch"
 BATCH_STAGE = "batch"
@@ -25,13 +24,9 @@ BATCH_INPUT_PURPOSE = "batch"
 BATCH_OUTPUT_PURPOSE = "batch_output"
 
 
-class OutputExpiresAfter(BaseModel):
-    """OpenAI's ``output_expires_after``: how long after their creation the output and error files are kept."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=30 * 24 * 3600, description="between 3600 (1 hour) and 2592000 (30 days)")
+class OutputExpiresAfter(ExpiresAfter):
+    """OpenAI's ``output_expires_after``: how long after their creation the output and error files are kept
+    (the anchor is each file's creation, not the batch's; ``afina.core.file_expiry``)."""
 
 
 class BatchProgress(BaseModel):

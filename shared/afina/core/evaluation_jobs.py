@@ -23,6 +23,27 @@ EVALUATE_STAGE = "evaluate"
 EVALUATION_JOB_EVENT_KEY = "evaluation_job_id"  # in the data of the fine-tuning job's event naming its evaluation
 EXPORT_KIND = "export"  # a re-export job (afina.exporter.target), here the publishing a passed gate releases
 
+# what the LLM judge grades when a request gives no rubric of its own (afina.evaluator.judge adds the scale)
+DEFAULT_JUDGE_RUBRIC = (
+    "Grade the model's answer against the reference answer.\n"
+    "- Task: does the answer do what the reference does (same decision, label, facts or action)? Style and length "
+    "may differ.\n"
+    "- Correctness: every claim in the answer is right; a wrong label, number or fact is a serious error.\n"
+    "- Faithfulness: nothing invented beyond the question and the reference.\n"
+    "- Language: the answer is in the language of the question (a question in Portuguese is answered in "
+    "Portuguese); an answer in another language is at most 2.\n"
+    "5: as good as the reference. 4: right, with a minor flaw. 3: partly right. 2: mostly wrong, or in the "
+    "wrong language. 1: wrong, empty or unrelated.")
+
+
+class JudgeSpec(BaseModel):
+    """The LLM judge an evaluation asked for, resolved once when it is queued (the model and rubric it ran with)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="the judge model the gateway serves")
+    rubric: str = Field(DEFAULT_JUDGE_RUBRIC, description="what the judge grades")
+
 
 class EvaluationSpec(BaseModel):
     """What an evaluation job evaluates (its row's ``method["evaluation"]``)."""
@@ -42,6 +63,9 @@ class EvaluationSpec(BaseModel):
     models: list[str] | None = Field(None, description="model keys to score (base, fine_tuned, gguf:<variant>); "
                                                        "None: all")
     metrics: list[str] | None = Field(None, description="the metrics asked for; the first is the main one")
+    judge: JudgeSpec | None = Field(None, description="grade the answers with an LLM judge (else: the operator's "
+                                                      "AFINA_EVALUATION_JUDGE_AUTOMATIC decides, for an automatic "
+                                                      "evaluation)")
 
     @classmethod
     def of_job(cls, job: Job) -> EvaluationSpec:

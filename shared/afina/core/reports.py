@@ -12,8 +12,17 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
+from afina.core.logging import log_event
+from afina.core.report_pdf import REPORT_PDF, report_pdf
+
+if TYPE_CHECKING:
+    from afina.core.artifacts import FileEntry
+    from afina.core.store import ArtifactStore
+
+log = logging.getLogger("afina.reports")
 Block = tuple[Any, ...]
 DPI = 110
 
@@ -88,6 +97,7 @@ def html_blocks(blocks: list[Block], images: dict[str, bytes]) -> list[str]:
 # --- sections that later stages add to a job's report pages (the trainer writes the pages) ----------------------
 
 REPORT_PAGES = {"report.md": False, "report.html": True}  # a job's report pages under report/ (name -> is HTML)
+# REPORT_PDF ("report.pdf") sits beside them: rendered from report.html each time that page is written
 
 
 def section_markers(name: str) -> tuple[str, str]:
@@ -116,3 +126,28 @@ def splice_section(page: str, section: str, *, name: str, html_page: bool) -> st
         at = page.rindex("</body>")
         return page[:at] + section + page[at:]
     return page.rstrip("\n") + "\n\n" + section
+
+
+def splice_report_pages(store: ArtifactStore, report_prefix: str, sections: dict[bool, str], *,
+                        name: str) -> dict[str, FileEntry]:
+    """Splice a stage's ``name`` section (``sections``: is HTML -> the section) into each of the job's report
+    pages under ``report_prefix`` that the trainer wrote, then render ``report.pdf`` again from the spliced HTML
+    page; page name -> what was written (the result files to publish). A PDF that cannot be rendered is logged
+    and left as it was: the stage goes on."""
+    from afina.core.artifacts import FileEntry
+
+    written: dict[str, FileEntry] = {}
+    for page, is_html in REPORT_PAGES.items():
+        key = f"{report_prefix}/{page}"
+        if not store.exists(key):
+            continue
+        spliced = splice_section(store.get_bytes(key).decode(), sections[is_html], name=name, html_page=is_html)
+        written[page] = FileEntry.of(store.put_bytes(key, spliced.encode()))
+        if is_html:
+            pdf = report_pdf(spliced)
+            if pdf is None:
+                log_event(log, "report.pdf_not_rewritten", logging.WARNING, key=f"{report_prefix}/{REPORT_PDF}",
+                          section=name)
+            else:
+                written[REPORT_PDF] = FileEntry.of(store.put_bytes(f"{report_prefix}/{REPORT_PDF}", pdf))
+    return written

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     transient_requeue_delay_s: float = 30.0
     # how often the outbox relay sends messages whose sender died or found the broker down
     outbox_relay_interval_s: float = 2.0
+    # how often every worker's maintenance loop deletes expired files (afina.core.file_expiry); an expired file
+    # is gone for the API at once, this only bounds how long its bytes outlive it
+    file_expiry_sweep_interval_s: float = 60.0
     # an active job that no worker holds and whose last message went out this long ago (the broker lost it,
     # or its worker died before taking the lease) gets its message again; a duplicate is dropped by the lease
     orphan_requeue_s: int = 900
@@ -167,6 +170,16 @@ class Settings(BaseSettings):
     evaluation_max_labels: int = Field(20, ge=2)  # a split with more distinct short answers is not a label task
     # the quality gate's rules (JSON, afina.core.quality_gate.GateRules); ``enforce`` blocks serving on failure
     quality_gate: GateRules = Field(default_factory=GateRules)
+    # the LLM judge (afina.evaluator.judge): a model afina's own gateway serves grades each answer against its
+    # reference with a rubric, through the gateway's /v1/chat/completions; None: no judge. The key is a gateway
+    # API key (a SecretStr: never logged or shown); the URL defaults to ``public_base_url`` + /v1
+    evaluation_judge_model: str | None = None
+    evaluation_judge_base_url: str | None = None
+    evaluation_judge_api_key: SecretStr | None = None
+    evaluation_judge_automatic: bool = False  # also judge every automatic (post-export) evaluation
+    evaluation_judge_max_tokens: int = Field(160, ge=16)  # the verdict's tokens (a score and a short reason)
+    evaluation_judge_retries: int = Field(2, ge=0)  # more tries of a call that failed transiently (5xx, 429, network)
+    evaluation_judge_timeout_s: float = Field(120.0, gt=0)
 
     # publishing: an Ollama the exporter registers models in (None: no registration unless a job asks and
     # fails saying none is configured); a tenant's models are named "<prefix><name>", the prefix a template

@@ -18,6 +18,7 @@ from afina.core.artifacts import (
     ManifestInvalid,
     ServedArtifacts,
 )
+from afina.core.artifacts.evaluation import EvaluationManifest, ModelEvaluation, ModelSummary
 from afina.core.store.local import LocalStore
 
 SHA = "a" * 64
@@ -86,6 +87,53 @@ def test_an_older_export_manifest_and_registry_row_read() -> None:
     served = ServedArtifacts.of_row(OLD_SERVED, "ft:x")
     assert served.served_key == "models/acme/ftjob-1/model-q8_0.gguf"
     assert manifest.served("jobs/acme/ftjob-1/adapter", OLD_SERVED["manifest"]) == served
+
+
+# the evaluation's shapes of schema version 1 (before the LLM judge)
+OLD_TEXT = {"exact_match": 0.5, "normalized_exact_match": 0.5, "token_f1": 0.75, "rouge_l": 0.7, "bleu": 12.5,
+            "chrf": 40.0}
+OLD_MODEL_EVALUATION = {"schema_version": 1, "key": "fine_tuned", "kind": "hf", "title": "fine-tuned",
+                        "fingerprint": SHA, "examples": 2, "loss": 0.5, "perplexity": 1.6487212707001282,
+                        "scored_tokens": 6, "text": OLD_TEXT, "classification": None,
+                        "answers": ["positivo", "não sei"], "example_losses": [0.25, 0.75],
+                        "label_probabilities": None, "train_loss": 0.4, "train_examples": 2, "seconds": 1.5}
+OLD_EVALUATION = {"schema_version": 1, "job_id": "ftjob-1", "model": "ft:x", "split": "test", "examples": 2,
+                  "task": "text", "labels": None, "main_metric": "token_f1", "metrics": None, "file_id": None,
+                  "models": {"fine_tuned": {"kind": "hf", "title": "fine-tuned", "loss": 0.5, "perplexity": 1.65,
+                                            "scored_tokens": 6, "text": OLD_TEXT, "classification": None,
+                                            "seconds": 1.5}},
+                  "loss_gap": None,
+                  "quality_gate": {"schema_version": 1, "passed": True, "enforced": False, "main_metric": "token_f1",
+                                   "rules": {}, "checks": [], "evaluated_at": 3,
+                                   "evaluation": "jobs/acme/ftjob-1/evaluation/evaluation.json"},
+                  "files": {"predictions.jsonl": ENTRY}, "created_at": 3}
+
+
+def test_an_evaluation_from_before_the_llm_judge_reads_as_not_judged() -> None:
+    result = ModelEvaluation.parse(orjson.dumps(OLD_MODEL_EVALUATION), "old")
+    assert result.schema_version == ModelEvaluation.SCHEMA_VERSION == 2
+    assert result.judge is None and result.text.token_f1 == 0.75
+    manifest = EvaluationManifest.parse(orjson.dumps(OLD_EVALUATION), "old")
+    assert manifest.schema_version == EvaluationManifest.SCHEMA_VERSION == 2
+    assert manifest.judge is None and manifest.models["fine_tuned"].judge is None
+    with pytest.raises(ManifestInvalid, match="newer afina"):
+        EvaluationManifest.parse(orjson.dumps({**OLD_EVALUATION, "schema_version": 3}), "new")
+
+
+def test_an_evaluation_with_the_llm_judge_round_trips() -> None:
+    judged = {**OLD_MODEL_EVALUATION, "schema_version": 2,
+              "judge": {"identity": SHA, "scores": [5, None], "reasons": ["igual", "not graded: cut short"],
+                        "mean": 5.0, "scored": 1, "unscored": 1, "error": None}}
+    result = ModelEvaluation.parse(orjson.dumps(judged), "new")
+    assert result.judge is not None and result.judge.scores == [5, None] and result.judge.unscored == 1
+    summary = ModelSummary.of(result)
+    assert summary.judge is not None and summary.judge.model_dump() == {"mean": 5.0, "scored": 1, "unscored": 1,
+                                                                        "error": None}
+    manifest = EvaluationManifest.parse(orjson.dumps({**OLD_EVALUATION, "schema_version": 2,
+                                                      "models": {"fine_tuned": summary.model_dump(mode="json")},
+                                                      "judge": {"model": "judge-x", "rubric": "r"}}), "new")
+    assert manifest.judge is not None and (manifest.judge.min_score, manifest.judge.max_score) == (1, 5)
+    assert EvaluationManifest.parse(manifest.to_json(), "again") == manifest
 
 
 def test_a_manifest_from_a_newer_afina_is_refused() -> None:

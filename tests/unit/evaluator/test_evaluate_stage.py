@@ -132,6 +132,16 @@ def test_the_section_is_spliced_into_the_jobs_report_once(tmp_path: Path) -> Non
     assert "](../evaluation/metrics_overview.png)" in markdown
     assert html_page.count("<h2>Evaluation</h2>") == 1 and html_page.rstrip().endswith("</body></html>")
     assert "data:image/png;base64," in html_page
+    # report.pdf rendered from the spliced page, its charts included, and a result file of the job
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(runtime.store.get_bytes(f"{report}/report.pdf")))
+    text = "\n".join(page.extract_text() for page in reader.pages)
+    assert "Training" in text and "Evaluation" in text and "Quality gate: passed." in text
+    assert len([image for page in reader.pages for image in page.images]) == html_page.count("data:image/png")
+    with runtime.db.session() as session:
+        names = {session.get(File, file_id).filename for file_id in job_row(runtime, job.source.id).result_files}
+    assert {"report.md", "report.html", "report.pdf"} <= names
 
 
 def test_a_degraded_quantization_fails_the_gate_and_an_enforced_gate_blocks_serving(tmp_path: Path) -> None:
@@ -229,7 +239,7 @@ def test_an_unknown_metric_in_the_gate_rules_stops_the_settings() -> None:
         Settings(quality_gate={"main_metric": "bleurt"})  # type: ignore[arg-type]
 
 
-def test_a_batching_scorer_answers_in_batches_of_eight_with_the_same_figures(tmp_path: Path) -> None:
+def test_a_batching_scorer_answers_in_batches_with_the_same_figures(tmp_path: Path) -> None:
     from dataclasses import dataclass, field
 
     from afina.evaluator.scoring import GENERATION_BATCH
@@ -246,7 +256,7 @@ def test_a_batching_scorer_answers_in_batches_of_eight_with_the_same_figures(tmp
     made: list[Batching] = []
     runtime = runtime_for(tmp_path)
     tests = [conversation(f"avalie: produto {i} {'ótimo' if i % 2 else 'péssimo'}",
-                          "positivo" if i % 2 else "negativo") for i in range(11)]
+                          "positivo" if i % 2 else "negativo") for i in range(GENERATION_BATCH + 3)]
     job = build_evaluated_job(runtime, tmp_path, test=tests)
 
     class BatchingModels(ScriptedModels):
@@ -262,6 +272,6 @@ def test_a_batching_scorer_answers_in_batches_of_eight_with_the_same_figures(tmp
                                load=load(plan.key)) for plan in plans]
 
     assert run(runtime, job.evaluation_job_id, BatchingModels(scripts())) == "done"
-    assert GENERATION_BATCH == 8 and all(scorer.batches == [8, 3] for scorer in made) and len(made) == 4
+    assert all(scorer.batches == [GENERATION_BATCH, 3] for scorer in made) and len(made) == 4
     manifest = EvaluationManifest.read(runtime.store, f"{evaluation_prefix(TENANT, job.source.id)}/evaluation.json")
     assert manifest is not None and manifest.models["fine_tuned"].classification.accuracy == 1.0  # type: ignore[union-attr]

@@ -4,6 +4,7 @@ once and replaced by a re-export, next to the evaluation's section; ``verificati
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def test_the_section_shows_every_variants_figures_and_lists_verification_json(tm
     files = export_report_files(store, manifest, tenant_id=TENANT, job_id=JOB)
 
     assert [entry.key for entry in files] == [f"{MODELS}/verification.json", f"{REPORT}/report.md",
-                                              f"{REPORT}/report.html"]
+                                              f"{REPORT}/report.html", f"{REPORT}/report.pdf"]
     assert all(entry.matches(store) for entry in files)  # the sizes and sha256s the result files will carry
     markdown = store.get_bytes(f"{REPORT}/report.md").decode()
     assert markdown.startswith("# Training report") and markdown.count("## Export and fidelity") == 1
@@ -92,6 +93,15 @@ def test_the_section_shows_every_variants_figures_and_lists_verification_json(tm
     html_page = store.get_bytes(f"{REPORT}/report.html").decode()
     assert html_page.count("<h2>Export and fidelity</h2>") == 1 and html_page.rstrip().endswith("</body></html>")
     assert f"<td>{q4_sha}</td>" in html_page and "<code>verification.json</code>" in html_page
+    # report.pdf rendered from the spliced page: the trainer's heading and the export's section, its cells
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(store.get_bytes(f"{REPORT}/report.pdf")))
+    text = "\n".join(page.extract_text() for page in reader.pages)
+    for expected in ("Training", "Export and fidelity", "Fidelity gate: passed."):
+        assert expected in text, expected
+    assert q4_sha in "".join(text.split())  # a cell of the 11-column table, wrapped in its narrow column
+    (tmp_path / "report.pdf").write_bytes(store.get_bytes(f"{REPORT}/report.pdf"))  # for a person to look at
 
 
 def test_a_re_export_replaces_the_section_and_keeps_the_evaluation(tmp_path: Path) -> None:
@@ -149,7 +159,8 @@ def test_a_failed_gate_puts_its_figures_in_the_report_without_a_manifest(tmp_pat
     gguf = {"f16": FileEntry(key=f"{MODELS}/model-f16.gguf", bytes=270_000, sha256="ab" * 32)}
     files = report_files(store, section_blocks(gguf, failed, serve="f16"), verification, tenant_id=TENANT,
                          job_id=JOB)
-    assert [entry.key for entry in files] == [verification.key, f"{REPORT}/report.md", f"{REPORT}/report.html"]
+    assert [entry.key for entry in files] == [verification.key, f"{REPORT}/report.md", f"{REPORT}/report.html",
+                                              f"{REPORT}/report.pdf"]
     page = store.get_bytes(f"{REPORT}/report.md").decode()
     assert f"Fidelity gate: FAILED: {broke}." in page
     assert "| f16 | model-f16.gguf | 0.3 MB | abababababab | – | 75% (3/4) |" in page and page.count("| FAIL |") == 1

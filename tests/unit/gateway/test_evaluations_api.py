@@ -15,6 +15,7 @@ from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, Spli
 from afina.core.artifacts.evaluation import EvaluationManifest
 from afina.core.db import repository as repo
 from afina.core.db.models import File, Job, Model
+from afina.core.evaluation_jobs import DEFAULT_JUDGE_RUBRIC, EvaluationSpec
 from afina.core.queue.jobs import run_stage
 from afina.core.runtime import Runtime
 from afina.core.settings import Settings
@@ -113,3 +114,46 @@ def test_an_evaluation_on_a_file_runs_apart_from_the_jobs_own(stack) -> None:  #
         assert repo.get_job(session, None, job.source.id).result_files == []
     events = client.get(f"/v1/fine_tuning/jobs/{created['id']}/events", headers=headers).json()["data"]
     assert any("6 example(s) of the file" in event["message"] for event in events)
+
+
+def judge_stack(tmp_path: Path, **settings: object) -> tuple[TestClient, EvaluatedJob, dict[str, str]]:
+    runtime = Runtime(Settings(home=tmp_path / "home", log_json=False, **settings))  # type: ignore[arg-type]
+    job = build_evaluated_job(runtime, tmp_path)
+    with runtime.db.session() as session:
+        key = repo.create_api_key(session, TENANT)
+    return TestClient(create_app(runtime)), job, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize(("settings", "judge", "param", "code", "words"), [
+    ({"evaluation_judge_model": "judge-x"}, {"model": "gpt-9-judge"}, "judge.model", "unknown_judge_model",
+     "judge.model names 'gpt-9-judge', which is not a judge this gateway serves; use 'judge-x'"),
+    ({}, True, "judge", "judge_not_configured", "no LLM judge is set up on this gateway"),
+    ({"evaluation_judge_model": "judge-x"}, {"rubric": ""}, "judge.rubric", None, "Invalid 'judge.rubric'"),
+    ({"evaluation_judge_model": "judge-x"}, "yes", "judge", None, "valid dictionary"),
+])
+def test_a_judge_the_gateway_cannot_use_is_a_400_naming_the_field(tmp_path: Path, settings: dict, judge: object,
+                                                                  param: str, code: str | None, words: str) -> None:
+    client, job, headers = judge_stack(tmp_path, **settings)
+    answer = client.post(f"/v1/fine_tuning/jobs/{job.source.id}/evaluations", json={"judge": judge},
+                         headers=headers)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and words in error["message"]
+    if code is not None:
+        assert error["code"] == code
+    assert len(evaluations_of(job.runtime)) == 1  # only the automatic one
+
+
+def test_a_judge_request_is_resolved_once_and_stored_on_the_evaluation(tmp_path: Path) -> None:
+    client, job, headers = judge_stack(tmp_path, evaluation_judge_model="judge-x")
+    url = f"/v1/fine_tuning/jobs/{job.source.id}/evaluations"
+    default = client.post(url, json={"judge": True}, headers=headers)
+    assert default.status_code == 200, default.text
+    assert default.json()["judge"] == {"model": "judge-x", "rubric": DEFAULT_JUDGE_RUBRIC}
+    catalog = client.post(url, json={"judge": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                               "rubric": "Só a resposta certa vale 5."}}, headers=headers).json()
+    assert catalog["judge"] == {"model": "smollm2-135m-instruct", "rubric": "Só a resposta certa vale 5."}
+    assert client.post(url, json={"judge": False}, headers=headers).json()["judge"] is None
+    with job.runtime.db.session() as session:
+        stored = EvaluationSpec.of_job(repo.get_job(session, TENANT, catalog["id"]))
+    assert stored.judge is not None and stored.judge.model == "smollm2-135m-instruct"

@@ -147,3 +147,13 @@ def test_prepared_dataset_is_read_and_checked_against_its_manifest(tmp_path: Any
         load_prepared_dataset(runtime.store, prefix)
     with pytest.raises(TrainingFailed, match="no prepared dataset"):
         load_prepared_dataset(runtime.store, None)
+
+
+def test_mask_runs_finds_every_run_of_ones() -> None:
+    from afina.trainer.data import _mask_runs
+
+    assert _mask_runs([]) == []
+    assert _mask_runs([0, 0]) == []
+    assert _mask_runs([1]) == [(0, 1)]
+    assert _mask_runs([1, 1, 0, 1]) == [(0, 2), (3, 4)]
+    assert _mask_runs([0, 1, 1, 0, 0, 1, 1, 1]) == [(1, 3), (5, 8)]

@@ -21,6 +21,7 @@ from afina.trainer.report import (
     MAX_STEP_ROWS,
     REPORT_HTML,
     REPORT_MARKDOWN,
+    REPORT_PDF,
     STEP_METRICS_CSV,
     RunFacts,
     build_report,
@@ -126,7 +127,7 @@ def png_image(png: bytes) -> Any:
 
 def test_a_gpu_run_with_validation(tmp_path: Any) -> None:
     files = build_report(facts(), training_file(range(1, 61), lambda step: 1, 60), hardware_file(40, gpu=True))
-    assert list(files) == [REPORT_MARKDOWN, REPORT_HTML, CHART_LOSS, CHART_LEARNING_RATE, CHART_MEMORY,
+    assert list(files) == [REPORT_MARKDOWN, REPORT_HTML, REPORT_PDF, CHART_LOSS, CHART_LEARNING_RATE, CHART_MEMORY,
                            STEP_METRICS_CSV, "training_metrics.jsonl", "hardware_metrics.jsonl"]
     markdown = files[REPORT_MARKDOWN].decode()
     assert markdown.startswith("# Training report — ftjob-0123456789abcdef01234567\n")
@@ -174,6 +175,17 @@ def test_a_gpu_run_with_validation(tmp_path: Any) -> None:
         picture = png_image(files[name])
         assert picture.size[0] == 990 and len(picture.convert("RGB").getcolors(1 << 20)) > 50
     (tmp_path / "report.html").write_bytes(files[REPORT_HTML])  # for a person to open while debugging
+
+    # the PDF is the HTML page: its headings, its cells, its three charts
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(files[REPORT_PDF]))
+    text = "\n".join(pdf_page.extract_text() for pdf_page in reader.pages)
+    for expected in ("Training report — ftjob-0123456789abcdef01234567", "Summary", "Charts", "Loss per step",
+                     "llama-3.2-1b-instruct", "NVIDIA H100 80GB HBM3, 79.19 GiB", "30,720 (non-padding, all epochs)"):
+        assert expected in text, expected
+    assert [image.image.size for pdf_page in reader.pages for image in pdf_page.images] == [
+        png_image(files[name]).size for name in (CHART_LOSS, CHART_LEARNING_RATE, CHART_MEMORY)]
 
     csv = files[STEP_METRICS_CSV].decode().splitlines()
     assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"

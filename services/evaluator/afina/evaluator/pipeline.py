@@ -9,6 +9,8 @@ Read top to bottom, ``evaluate_job`` is the whole story:
 3. each model in turn — base, fine-tuned (transformers), then every GGUF (llama.cpp in process) — its
    ``ModelEvaluation`` written as soon as it is done; a resumed attempt reuses every result whose
    fingerprint (examples, weights, settings) still matches, so a killed worker loses at most one model;
+   when the evaluation asked for the LLM judge (``judge``), each model's answers are graded right after it is
+   scored; a judge that fails is recorded as failed and the evaluation goes on;
 4. the train/held-out loss gap, the quality gate, the result files, the report section, ``evaluation.json``
    LAST; then the gate is recorded on the model row and the evaluation job succeeds.
 
@@ -48,20 +50,21 @@ from afina.core.evaluation_jobs import EvaluationSpec, add_publish_job
 from afina.core.logging import log_event
 from afina.core.queue import outbox
 from afina.core.queue.jobs import JobContext
-from afina.core.reports import REPORT_PAGES
+from afina.core.reports import splice_report_pages
 from afina.core.store import ArtifactStore
 from afina.core.store.base import sha256_file
 from afina.core.training.lifecycle import job_base_model
 from afina.evaluator import charts
 from afina.evaluator.examples import Example, file_examples, held_out_examples, tokenize, train_examples
 from afina.evaluator.gate import FINE_TUNED, apply_gate, main_metric
+from afina.evaluator.judge import ChatClient, Judge, judge_spec_for, open_judge
 from afina.evaluator.metrics.classification import check_declared_labels, detect_labels
 from afina.evaluator.results import (
+    SECTION,
     predictions_jsonl,
     render_html_section,
     render_markdown_section,
     section_blocks,
-    splice_section,
     standalone_html,
     summary_csv,
 )
@@ -81,7 +84,8 @@ def evaluation_prefix(tenant_id: str, job_id: str) -> str:
     return f"{job_prefix(tenant_id, job_id)}/evaluation"
 
 
-def evaluate_job(context: JobContext, *, plan_models: Callable[..., list[ModelPlan]] | None = None) -> None:
+def evaluate_job(context: JobContext, *, plan_models: Callable[..., list[ModelPlan]] | None = None,
+                 judge_client: ChatClient | None = None) -> None:
     runtime = context.runtime
     settings = runtime.settings
     store = runtime.store
@@ -105,6 +109,8 @@ def evaluate_job(context: JobContext, *, plan_models: Callable[..., list[ModelPl
     where = f"the file {spec.file_id}" if split == "file" else f"the {split} split"
     context.event(f"Evaluating {spec.model} on {len(examples)} example(s) of {where} ("
                   + (f"labels: {', '.join(labels)}" if labels else "free-text answers") + f"; main metric {metric})")
+    judge_spec = judge_spec_for(spec, settings)
+    judge = open_judge(settings, judge_spec, judge_client) if judge_spec is not None else None
 
     prefix = (f"{job_prefix(source.tenant_id, source.id)}/evaluations/{context.job_id}" if spec.on_demand
               else evaluation_prefix(source.tenant_id, source.id))
@@ -138,8 +144,11 @@ def evaluate_job(context: JobContext, *, plan_models: Callable[..., list[ModelPl
         results: dict[str, ModelEvaluation] = {}
         for plan in plans:
             context.check_continue()
-            results[plan.key] = _evaluate_model(context, plan, inputs, f"{prefix}/models/{plan.key}.json",
+            result_key = f"{prefix}/models/{plan.key}.json"
+            results[plan.key] = _evaluate_model(context, plan, inputs, result_key,
                                                 fingerprint=_digest(inputs_digest, plan.identity))
+            if judge is not None:
+                results[plan.key] = _judged(context, judge, results[plan.key], examples, result_key)
         gap = loss_gap(results.get(FINE_TUNED), settings.evaluation_overfit_gap)
         manifest_key = f"{prefix}/{EVALUATION_MANIFEST}"
         gate = apply_gate(results, rules, metric, evaluation_key=manifest_key)
@@ -150,7 +159,8 @@ def evaluate_job(context: JobContext, *, plan_models: Callable[..., list[ModelPl
             job_id=source.id, model=spec.model, split=split, examples=len(examples), task=task, labels=labels,
             main_metric=metric, metrics=spec.metrics, file_id=spec.file_id,
             models={key: ModelSummary.of(result) for key, result in results.items()},
-            loss_gap=gap, quality_gate=gate, files=files, created_at=int(time.time()))
+            loss_gap=gap, quality_gate=gate, files=files, created_at=int(time.time()),
+            judge=judge.config if judge is not None else None)
         committed = FileEntry.of(manifest.write(store, manifest_key))  # the commit marker
         _finish(context, spec, source, gate, {**files, EVALUATION_MANIFEST: committed},
                 summary_lines(results, metric, gap, gate))
@@ -245,6 +255,30 @@ def _evaluate_model(context: JobContext, plan: ModelPlan, inputs: ScoringInputs,
     return result
 
 
+def _judged(context: JobContext, judge: Judge, result: ModelEvaluation, examples: list[Example],
+            key: str) -> ModelEvaluation:
+    """The model's result with the judge's grades (stored at once); grades made by this judge on an earlier
+    attempt are reused, a failed judge is asked again."""
+    stored = result.judge
+    if stored is not None and stored.identity == judge.identity and stored.error is None:
+        return result
+    started = time.monotonic()
+    graded = judge.grade(examples, result.answers, context.check_continue)
+    result = result.model_copy(update={"judge": graded})
+    result.write(context.runtime.store, key)
+    mean = "–" if graded.mean is None else f"{graded.mean:.4f}"
+    if graded.error is not None:
+        context.event(f"The LLM judge failed for {result.title}: {graded.error}; the other metrics are "
+                      f"unaffected ({graded.unscored} example(s) unscored)", level="warn",
+                      data={"phase": "judge", "model": result.key, "judge_error": graded.error})
+    else:
+        context.event(f"LLM judge ({judge.spec.model}) on {result.title}: mean score {mean} over {graded.scored} "
+                      f"example(s), {graded.unscored} unscored ({time.monotonic() - started:.1f} s)",
+                      data={"phase": "judge", "model": result.key, "judge_mean": graded.mean,
+                            "judge_unscored": graded.unscored})
+    return result
+
+
 def loss_gap(tuned: ModelEvaluation | None, max_gap: float) -> LossGap | None:
     if tuned is None or tuned.train_loss is None or tuned.loss is None:
         return None
@@ -273,20 +307,18 @@ def write_result_files(store: ArtifactStore, prefix: str, *, source: Job, exampl
                 SECTION_MD: ("# Evaluation of " + source.id + "\n\n" + render_markdown_section(blocks, "")).encode(),
                 SECTION_HTML: standalone_html(f"Evaluation of {source.id}", html_section).encode(), **images}
     files = {name: FileEntry.of(store.put_bytes(f"{prefix}/{name}", data)) for name, data in contents.items()}
-    report_prefix = f"{job_prefix(source.tenant_id, source.id)}/report"
-    for page, is_html in REPORT_PAGES.items():
-        key = f"{report_prefix}/{page}"
-        if not into_report or not store.exists(key):
-            continue
-        section = html_section if is_html else render_markdown_section(blocks, "../evaluation/")
-        spliced = splice_section(store.get_bytes(key).decode(), section, html_page=is_html)
-        files[page] = FileEntry.of(store.put_bytes(key, spliced.encode()))
+    if into_report:  # the pages the trainer wrote, and report.pdf rendered again from the spliced HTML page
+        sections = {True: html_section, False: render_markdown_section(blocks, "../evaluation/")}
+        files.update(splice_report_pages(store, f"{job_prefix(source.tenant_id, source.id)}/report", sections,
+                                         name=SECTION))
     return files
 
 
 def summary_lines(results: dict[str, ModelEvaluation], metric: str, gap: LossGap | None,
                   gate: QualityGate) -> list[str]:
     lines = [f"{result.title}: {metric} {_value(result.metric(metric))}, perplexity {_value(result.perplexity)}"
+             + (f", judge score {_value(result.judge.mean)} ({result.judge.unscored} unscored)"
+                if result.judge is not None else "")
              for result in results.values()]
     if gap is not None:
         lines.append(f"Train/held-out loss gap {gap.gap:.4f}" + (" — overfitting detected" if gap.overfitting else ""))

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from afina.core.artifacts.evaluation import LossGap, ModelEvaluation, QualityGate
+from afina.core.artifacts.evaluation import JUDGE_MAX_SCORE, JUDGE_MIN_SCORE, LossGap, ModelEvaluation, QualityGate
 from afina.core.reports import Block, html_section, markdown_section
 from afina.core.reports import splice_section as splice_named_section
 from afina.evaluator.examples import Example
@@ -22,7 +22,8 @@ from afina.evaluator.metrics.text import ExampleScores
 
 SUMMARY_COLUMNS = ("model", "kind", "title", "examples", "loss", "perplexity", "exact_match",
                    "normalized_exact_match", "token_f1", "rouge_l", "bleu", "chrf", "accuracy", "macro_precision",
-                   "macro_recall", "macro_f1", "macro_auc", "train_loss", "seconds")
+                   "macro_recall", "macro_f1", "macro_auc", "train_loss", "seconds", "judge_score_mean",
+                   "judge_scored", "judge_unscored", "judge_error")
 TABLE_METRICS = (("loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "EM"),
                  ("normalized_exact_match", "norm. EM"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"),
                  ("bleu", "BLEU"), ("chrf", "chrF"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
@@ -42,6 +43,9 @@ def summary_csv(results: dict[str, ModelEvaluation]) -> bytes:
         values: list[Any] = [key, result.kind, result.title, result.examples]
         values += [result.metric(name) for name in SUMMARY_COLUMNS[4:17]]
         values += [result.train_loss, result.seconds]
+        judge = result.judge
+        values += ([judge.mean, judge.scored, judge.unscored, judge.error] if judge is not None
+                   else [None, None, None, None])
         writer.writerow(["" if value is None else repr(value) if isinstance(value, float) else value
                          for value in values])
     return buffer.getvalue().encode()
@@ -57,6 +61,9 @@ def predictions_jsonl(examples: list[Example], results: dict[str, ModelEvaluatio
                                "loss": {key: r.example_losses[index] for key, r in results.items()},
                                "scores": {key: ExampleScores.of(r.answers[index], example.reference).__dict__
                                           for key, r in results.items()}}
+        if any(r.judge is not None for r in results.values()):
+            row["judge"] = {key: {"score": r.judge.scores[index], "reason": r.judge.reasons[index]}
+                            for key, r in results.items() if r.judge is not None}
         if labels:
             row["reference_label"] = match_label(example.reference, labels)
             row["answer_labels"] = {key: match_label(r.answers[index], labels) for key, r in results.items()}
@@ -85,6 +92,7 @@ def section_blocks(*, split: str, examples: int, task: str, labels: list[str] | 
                                f"{figure(gap.heldout_loss)}); "
                                + (f"overfitting detected (gap above {figure(gap.max_gap)})" if gap.overfitting
                                   else f"no overfitting flagged (limit {figure(gap.max_gap)})") + "."))
+    blocks += judge_blocks(results)
     verdict = "passed" if gate.passed else ("FAILED — the model is blocked from serving" if gate.blocks_serving
                                             else "FAILED (not enforced: the model is served)")
     blocks.append(("text", f"Quality gate: {verdict}."))
@@ -93,6 +101,24 @@ def section_blocks(*, split: str, examples: int, task: str, labels: list[str] | 
                        [[check.rule, check.model, figure(check.value), f"{check.against} {figure(check.reference)}",
                          figure(check.limit), "pass" if check.passed else "FAIL"] for check in gate.checks]))
     blocks.append(("images", charts))
+    return blocks
+
+
+def judge_blocks(results: dict[str, ModelEvaluation]) -> list[Block]:
+    """The LLM judge's table (mean score, scored, unscored per model) and why it failed where it did."""
+    judged = {key: result for key, result in results.items() if result.judge is not None}
+    if not judged:
+        return []
+    blocks: list[Block] = [("text", f"LLM judge: each answer graded against its reference from {JUDGE_MIN_SCORE} "
+                                    f"to {JUDGE_MAX_SCORE} (mean over the scored examples; the unscored are "
+                                    "counted, not averaged in).")]
+    blocks.append(("table", ["model", "judge score", "scored", "unscored"],
+                   [[result.title, figure(result.judge.mean), str(result.judge.scored), str(result.judge.unscored)]
+                    for result in judged.values() if result.judge is not None]))
+    failures = list(dict.fromkeys(result.judge.error for result in judged.values()
+                                  if result.judge is not None and result.judge.error))
+    if failures:
+        blocks.append(("text", "The LLM judge failed: " + "; ".join(failures) + "."))
     return blocks
 
 

@@ -2,9 +2,10 @@
 
 The trainer writes the job's report pages (``report/report.md`` and ``report.html``); the exporter splices an
 "Export and fidelity" section into them through ``afina.core.reports``, as the evaluator adds its own, so a
-re-export replaces the section in place. The figures come from the export's ``verification.json`` (read
-through ``ExportVerification``, checked against the manifest's sha256) and are shown as measured; the file
-itself is published with the job's result files for the per-prompt details.
+re-export replaces the section in place (and ``report.pdf`` is rendered again from the new HTML page). The
+figures come from the export's ``verification.json`` (read through ``ExportVerification``, checked against the
+manifest's sha256) and are shown as measured; the file itself is published with the job's result files for
+the per-prompt details.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from afina.core.artifacts import ExportManifest, FileEntry
 from afina.core.artifacts.fidelity import ExportVerification, FidelityReport, VariantFidelity
 from afina.core.datasets.layout import job_prefix
-from afina.core.reports import REPORT_PAGES, Block, html_section, markdown_section, splice_section
+from afina.core.reports import Block, html_section, markdown_section, splice_report_pages
 from afina.core.store import ArtifactStore
 
 SECTION = "export"
@@ -23,7 +24,7 @@ SHA256_SHOWN = 12  # hex digits of each file's sha256 in the table (the full one
 def export_report_files(store: ArtifactStore, manifest: ExportManifest, *, tenant_id: str,
                         job_id: str) -> list[FileEntry]:
     """Splice the export section into the job's report pages (those the trainer wrote) and return what becomes
-    the job's result files: ``verification.json`` and each page rewritten."""
+    the job's result files: ``verification.json``, each page rewritten and ``report.pdf``."""
     verification = ExportVerification.of_entry(store, manifest.verification)
     blocks = section_blocks(manifest.gguf, verification, serve=manifest.serve, lora_gguf=manifest.lora_gguf)
     return report_files(store, blocks, manifest.verification, tenant_id=tenant_id, job_id=job_id)
@@ -31,20 +32,14 @@ def export_report_files(store: ArtifactStore, manifest: ExportManifest, *, tenan
 
 def report_files(store: ArtifactStore, blocks: list[Block], verification: FileEntry, *, tenant_id: str,
                  job_id: str) -> list[FileEntry]:
-    """The section (``blocks``) spliced into the job's report pages; ``verification`` and the pages rewritten.
+    """The section (``blocks``) spliced into the job's report pages; ``verification``, the pages rewritten and
+    the ``report.pdf`` rendered from the new HTML page.
 
     Also what a failed gate leaves: its figures are what the user needs then (the pipeline passes the
     GGUFs it made, which no manifest lists)."""
-    files = [verification]
-    prefix = f"{job_prefix(tenant_id, job_id)}/report"
-    for page, is_html in REPORT_PAGES.items():
-        key = f"{prefix}/{page}"
-        if not store.exists(key):
-            continue
-        section = html_section(SECTION, HEADING, blocks, {}) if is_html else markdown_section(SECTION, HEADING, blocks)
-        spliced = splice_section(store.get_bytes(key).decode(), section, name=SECTION, html_page=is_html)
-        files.append(FileEntry.of(store.put_bytes(key, spliced.encode())))
-    return files
+    sections = {True: html_section(SECTION, HEADING, blocks, {}), False: markdown_section(SECTION, HEADING, blocks)}
+    pages = splice_report_pages(store, f"{job_prefix(tenant_id, job_id)}/report", sections, name=SECTION)
+    return [verification, *pages.values()]
 
 
 def section_blocks(gguf: dict[str, FileEntry], verification: ExportVerification, *, serve: str,

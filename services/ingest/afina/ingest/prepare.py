@@ -109,8 +109,10 @@ def prepare_dataset(context: JobContext) -> str:
     runtime = context.runtime
     with runtime.db.session() as session:
         job = repo.get_job(session, None, context.job_id)
-        training = repo.get_file(session, job.tenant_id, job.training_file)
-        validation = repo.get_file(session, job.tenant_id, job.validation_file) if job.validation_file else None
+        # a file that expired after the job was created is kept while the job runs (afina.core.file_expiry)
+        training = repo.get_file(session, job.tenant_id, job.training_file, include_expired=True)
+        validation = (repo.get_file(session, job.tenant_id, job.validation_file, include_expired=True)
+                      if job.validation_file else None)
     model = job_base_model(runtime, job)
     if validation is None:
         result = ensure_version(context, training, job_options(training, model, "training_file"), "training_file")

@@ -618,7 +618,7 @@ class LoRAFinetuneRecipe:
         self.context.event(f"Adapter saved ({trained_tokens:,} tokens trained)")
 
     def save_report(self) -> None:
-        """The report (Markdown, HTML, chart PNGs), step CSV and metrics JSONL files under the job's ``report/``,
+        """The report (Markdown, HTML, PDF, chart PNGs), step CSV and metrics JSONL files under the job's ``report/``,
         published as the job's result files."""
         from afina.trainer.metrics_files import HARDWARE_METRICS_FILE, TRAINING_METRICS_FILE
         from afina.trainer.monitor import describe_hardware

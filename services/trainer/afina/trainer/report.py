@@ -5,7 +5,8 @@ checkpoint, so the report covers every step, not only those of the last attempt;
 and memory come from ``training_metrics.jsonl`` and ``hardware_metrics.jsonl`` (which a
 resumed attempt also continues). Both pages are rendered from one list of sections, so they
 always say the same thing: the Markdown links the chart PNGs stored next to it, the HTML
-embeds them (base64) so it opens standalone.
+embeds them (base64) so it opens standalone, and ``report.pdf`` is rendered from the HTML page
+(``afina.core.report_pdf``; later stages render it again when they splice their sections in).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 
 from afina.core.artifacts.dataset import DatasetManifest
+from afina.core.report_pdf import REPORT_PDF, report_pdf
 from afina.core.reports import Block, html_blocks, markdown_blocks
 from afina.trainer import charts
 from afina.trainer.metrics_files import HARDWARE_METRICS_FILE, TRAINING_METRICS_FILE, parse_jsonl
@@ -96,8 +98,8 @@ class RunFacts:
 
 
 def build_report(facts: RunFacts, training_jsonl: bytes, hardware_jsonl: bytes) -> dict[str, bytes]:
-    """Every result file of the run, by file name, in the order they are listed: the two pages, the
-    charts there is data for, the step CSV and the two metrics files."""
+    """Every result file of the run, by file name, in the order they are listed: the two pages and the PDF
+    rendered from the HTML one, the charts there is data for, the step CSV and the two metrics files."""
     records = metric_records(facts.log_history)
     training = parse_jsonl(training_jsonl)
     hardware = parse_jsonl(hardware_jsonl)
@@ -107,8 +109,11 @@ def build_report(facts: RunFacts, training_jsonl: bytes, hardware_jsonl: bytes) 
                                           (CHART_MEMORY, charts.memory_chart(hardware))) if png is not None}
     sections = report_sections(facts, records, training, hardware, list(images))
     title = f"Training report — {facts.job_id}"
-    files = {REPORT_MARKDOWN: render_markdown(title, sections).encode(),
-             REPORT_HTML: render_html(title, sections, images).encode()}
+    page = render_html(title, sections, images)
+    files = {REPORT_MARKDOWN: render_markdown(title, sections).encode(), REPORT_HTML: page.encode()}
+    pdf = report_pdf(page)  # None (logged) when it cannot be made: the run still has its report pages
+    if pdf is not None:
+        files[REPORT_PDF] = pdf
     files.update(images)
     files[STEP_METRICS_CSV] = step_metrics_csv(records)
     files[TRAINING_METRICS_FILE] = training_jsonl

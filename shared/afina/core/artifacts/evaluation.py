@@ -13,6 +13,11 @@ model, every exported GGUF variant) and writes, under ``jobs/<tenant>/<job>/eval
 ``QualityGate`` is also stored on the model's registry row (``models.quality_gate``): the gateway shows it
 in ``/v1/models/{id}`` and refuses to serve a model whose gate failed while the operator enforces it.
 Figures are kept exactly as computed (no rounding): a reader can see by how much a model passed or failed.
+
+An optional LLM judge (``afina.evaluator.judge``) grades every answer against its reference with a rubric, through
+the gateway; its per-example scores ride on ``ModelEvaluation.judge``, its mean and the count of examples it could
+not score on ``ModelSummary.judge``, the model and rubric once on ``EvaluationManifest.judge``. Schema version 2
+added these fields (all defaulted: a version-1 manifest reads as "no judge").
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from afina.core.quality_gate import CLASSIFICATION_METRICS, GateRules
 
 EVALUATION_MANIFEST = "evaluation.json"
 QUALITY_GATE_SCHEMA_VERSION = 1
+JUDGE_MIN_SCORE, JUDGE_MAX_SCORE = 1, 5  # the judge's fixed scale (1: wrong or useless, 5: as good as the reference)
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -76,11 +82,42 @@ class ClassificationMetrics(_Frozen):
     macro_auc: float | None = None
 
 
+class JudgeConfig(_Frozen):
+    """Which judge graded the answers and how (once per evaluation)."""
+
+    model: str = Field(description="the judge model, as the gateway serves it")
+    rubric: str
+    min_score: int = JUDGE_MIN_SCORE
+    max_score: int = JUDGE_MAX_SCORE
+
+
+class JudgeSummary(_Frozen):
+    """One model's grades, without the per-example lists: never a mean that hides an unscored example."""
+
+    mean: float | None = Field(description="the mean score over the scored examples; None when none was scored")
+    scored: int = Field(ge=0)
+    unscored: int = Field(ge=0, description="examples the judge could not score (failed call, invalid verdict)")
+    error: str | None = Field(None, description="why the judge failed altogether (unreachable, misconfigured); "
+                                                "the other metrics stand")
+
+
+class JudgeResult(JudgeSummary):
+    """One model's grades, per example (in split order)."""
+
+    identity: str = Field(description="sha256 of the judge model, rubric, scale and prompt: grades made another "
+                                      "way are made afresh")
+    scores: list[int | None] = Field(description="per example, the score; None when unscored")
+    reasons: list[str | None] = Field(description="per example, the judge's reason, or why it is unscored")
+
+    def summary(self) -> JudgeSummary:
+        return JudgeSummary(mean=self.mean, scored=self.scored, unscored=self.unscored, error=self.error)
+
+
 class ModelEvaluation(Manifest):
     """One model's results on the split: written as soon as the model is done (the resume point)."""
 
     KIND: ClassVar[str] = "model evaluation"
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: ``judge``
 
     key: str = Field(description="base, fine_tuned, or gguf:<variant>")
     kind: Literal["hf", "gguf"]
@@ -101,6 +138,7 @@ class ModelEvaluation(Manifest):
                                                        "model: the train/held-out gap)")
     train_examples: int = Field(0, ge=0)
     seconds: float
+    judge: JudgeResult | None = Field(None, description="the LLM judge's grades, when the evaluation asked for it")
 
     def metric(self, name: str) -> float | None:
         """The figure a rule or a table names (``METRIC_DIRECTIONS``); None where it was not computed."""
@@ -160,7 +198,7 @@ class EvaluationManifest(Manifest):
     """``evaluation.json``: the evaluation's commit marker (written last)."""
 
     KIND: ClassVar[str] = "evaluation"
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: ``judge`` here and on every model
 
     job_id: str = Field(description="the fine-tuning job evaluated")
     model: str = Field(description="the fine-tuned model's name")
@@ -176,6 +214,7 @@ class EvaluationManifest(Manifest):
     quality_gate: QualityGate
     files: dict[str, FileEntry] = Field(description="result file name -> its object")
     created_at: int
+    judge: JudgeConfig | None = Field(None, description="the LLM judge, when the evaluation asked for it")
 
 
 class ModelSummary(_Frozen):
@@ -189,12 +228,13 @@ class ModelSummary(_Frozen):
     text: TextMetrics
     classification: ClassificationMetrics | None = None
     seconds: float
+    judge: JudgeSummary | None = None
 
     @classmethod
     def of(cls, result: ModelEvaluation) -> ModelSummary:
         return cls(kind=result.kind, title=result.title, loss=result.loss, perplexity=result.perplexity,
                    scored_tokens=result.scored_tokens, text=result.text, classification=result.classification,
-                   seconds=result.seconds)
+                   seconds=result.seconds, judge=result.judge.summary() if result.judge is not None else None)
 
 
 EvaluationManifest.model_rebuild()

@@ -66,6 +66,9 @@ class File(Base):
     status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
     dataset_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     ingest_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # OpenAI's ``expires_at`` (epoch seconds on the database's clock; None: kept until deleted). Past it the
+    # file is gone for the API at once; the sweeper (afina.core.file_expiry) deletes its row and bytes
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
 
 class Job(Base):

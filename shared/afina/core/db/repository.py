@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, text, update
+from sqlalchemy import ColumnElement, case, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from afina.core import ids
@@ -184,15 +184,67 @@ def authenticate(session: Session, api_key: str | None) -> str:
 
 # files ----------------------------------------------------------------------
 
-def get_file(session: Session, tenant_id: str | None, file_id: str, *, for_update: bool = False) -> File:
-    """A file by id; with ``tenant_id`` None the caller is a worker and sees every tenant."""
+def file_alive(session: Session) -> ColumnElement[bool]:
+    """SQL for "this file has not expired", on the database's clock (``afina.core.file_expiry``)."""
+    return or_(File.expires_at.is_(None), File.expires_at > now_sql(session))
+
+
+def get_file(session: Session, tenant_id: str | None, file_id: str, *, for_update: bool = False,
+             include_expired: bool = False) -> File:
+    """A file by id; with ``tenant_id`` None the caller is a worker and sees every tenant.
+
+    An expired file answers like a missing one, unless ``include_expired``: the worker of an active job that
+    names it still reads it (the sweeper keeps such a file until the job ends).
+    """
+    query = select(File).where(File.id == file_id)
+    if not include_expired:
+        query = query.where(file_alive(session))
     if for_update:
-        row = session.scalars(select(File).where(File.id == file_id).with_for_update()).first()
-    else:
-        row = session.get(File, file_id)
+        query = query.with_for_update()
+    row = session.scalars(query).first()
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"no such file: {file_id}", param="file_id")
     return row
+
+
+def start_file_clock(session: Session, row: File, expires_after_s: int | None) -> None:
+    """``row.created_at`` from the database's clock and, with ``expires_after_s``, ``expires_at`` that many
+    seconds later (OpenAI's anchor ``created_at``): every host judges expiry on that one clock."""
+    row.created_at = int(database_time(session))
+    row.expires_at = row.created_at + expires_after_s if expires_after_s is not None else None
+
+
+def _needed_by_active_job() -> ColumnElement[bool]:
+    """A job not finished names the file as its input: a fine-tune's or an evaluation's training or validation
+    file, a batch's input file (``training_file`` of a batch job)."""
+    return (select(Job.id).where(Job.status.in_(ACTIVE_STATUSES),
+                                 or_(Job.training_file == File.id, Job.validation_file == File.id))
+            .exists())
+
+
+def _sweepable(session: Session) -> ColumnElement[bool]:
+    return (File.expires_at.is_not(None)) & (File.expires_at <= now_sql(session)) & ~_needed_by_active_job()
+
+
+def expired_file_ids(session: Session, limit: int) -> list[str]:
+    """Up to ``limit`` expired files that no active job needs, the longest expired first."""
+    return list(session.scalars(select(File.id).where(_sweepable(session))
+                                .order_by(File.expires_at, File.id).limit(limit)))
+
+
+def claim_expired_file(session: Session, file_id: str) -> tuple[str, str] | None:
+    """Delete the row of an expired file no active job needs, in one conditional statement: (tenant, object
+    key) when this session deleted it, None when it is gone, needed, or not expired (any more).
+
+    The caller deletes the object before committing, so a store failure rolls the row back. Of two sweepers,
+    the second's statement waits for the first's transaction (PostgreSQL's row lock, SQLite's write lock)
+    and then matches nothing.
+    """
+    result = session.execute(delete(File).where(File.id == file_id, _sweepable(session))
+                             .returning(File.tenant_id, File.object_key)
+                             .execution_options(synchronize_session=False))
+    row = result.first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def add_result_file(session: Session, tenant_id: str, *, object_key: str, filename: str, size: int,
@@ -212,7 +264,9 @@ def add_result_file(session: Session, tenant_id: str, *, object_key: str, filena
 
 
 def list_files(session: Session, tenant_id: str, purpose: str | None = None) -> list[File]:
-    query = select(File).where(File.tenant_id == tenant_id).order_by(File.created_at.desc(), File.id)
+    """The tenant's files that have not expired, newest first."""
+    query = (select(File).where(File.tenant_id == tenant_id, file_alive(session))
+             .order_by(File.created_at.desc(), File.id))
     if purpose:
         query = query.where(File.purpose == purpose)
     return list(session.scalars(query))

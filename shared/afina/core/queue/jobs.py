@@ -35,6 +35,7 @@ from afina.core.db import repository as repo
 from afina.core.db.clock import database_time
 from afina.core.db.models import Job, OutboxMessage
 from afina.core.errors import AfinaError, LeaseLost
+from afina.core.file_expiry import sweep_expired_files
 from afina.core.gpu_classes import NeedsLargerGpu
 from afina.core.logging import log_event, new_error_id, redact
 from afina.core.metrics import JOB_STAGE_SECONDS, JOBS_FINISHED, LEASES_RECOVERED, STAGES_REQUEUED, set_job_phase
@@ -535,12 +536,14 @@ def _orphaned_jobs(session: Session, older_than_s: float) -> list[Job]:
 
 def start_maintenance_loop(runtime: Runtime, extra: Callable[[], object] | None = None) -> threading.Thread:
     """A daemon thread in every worker's main process: sends what the outbox holds (every
-    ``outbox_relay_interval_s``), requeues stranded jobs (every ``recovery_interval_s``), prunes the outbox,
+    ``outbox_relay_interval_s``), requeues stranded jobs (every ``recovery_interval_s``), deletes expired files
+    (every ``file_expiry_sweep_interval_s``; several workers at once delete each file once), prunes the outbox,
     and runs ``extra`` (e.g. the stale scratch sweep) hourly."""
     settings = runtime.settings
     duties: list[tuple[str, float, Callable[[], object]]] = [
         ("outbox relay", settings.outbox_relay_interval_s, lambda: outbox.relay_pending(runtime)),
         ("recovery sweep", settings.recovery_interval_s, lambda: recover_stale_jobs(runtime)),
+        ("file expiry sweep", settings.file_expiry_sweep_interval_s, lambda: sweep_expired_files(runtime)),
         ("outbox prune", 3600.0, lambda: (outbox.prune_sent(runtime), outbox.pending_count(runtime))),
     ]
     if extra is not None:

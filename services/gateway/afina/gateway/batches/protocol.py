@@ -21,8 +21,8 @@ class BatchCreateRequest(BaseModel):
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = Field(None, description="up to 16 pairs; key up to 64, value up to 512 chars")
     output_expires_after: OutputExpiresAfter | None = Field(
-        None, description="how long the output and error files are kept after their creation (recorded on the "
-                          "batch; afina does not delete files by itself)")
+        None, description="how long the output and error files are kept after their creation (their "
+                          "expires_at); past it they are gone and the sweeper deletes them")
 
 
 class RequestCounts(BaseModel):

@@ -13,7 +13,8 @@ Read top to bottom, ``run_batch`` is the whole story:
 4. cancellation and the completion window are checked between requests: a cancelled batch keeps what finished
    in its files; a batch past its window (``expires_at``) expires as OpenAI's do — what finished stays in the
    output file, each request not run goes to the error file as ``batch_expired``;
-5. at the end the output and error files are registered (purpose ``batch_output``) and the batch completes,
+5. at the end the output and error files are registered (purpose ``batch_output``, expiring
+   ``output_expires_after`` after their creation when the batch asked for it) and the batch completes,
    with the tokens of its answered requests summed (the Batch's ``usage``).
 
 The serving stack lives on one event loop thread per worker process (``ServingLoop``), so a model stays loaded
@@ -209,8 +210,9 @@ def _save_partials(context: JobContext, prefix: str, results: Results) -> None:
     store.put_bytes(errors_key, b"".join(results.errors))
 
 
-def _publish(context: JobContext, prefix: str, results: Results) -> None:
-    """The output and error files (each only when it has a line), registered as the tenant's files."""
+def _publish(context: JobContext, spec: BatchSpec, prefix: str, results: Results) -> None:
+    """The output and error files (each only when it has a line), registered as the tenant's files; with the
+    batch's ``output_expires_after`` each expires that long after its creation (on the database's clock)."""
     store = context.runtime.store
     progress = results.progress
     progress.finalizing_at = progress.finalizing_at or now()
@@ -226,6 +228,9 @@ def _publish(context: JobContext, prefix: str, results: Results) -> None:
                                        filename=f"{context.job_id}_{name}.jsonl", size=info.size,
                                        sha256=info.sha256 or "")
             row.purpose, row.status = BATCH_OUTPUT_PURPOSE, "processed"
+            if row in session.new:  # a re-run's publish keeps the file's first creation and expiry
+                expiry = spec.output_expires_after
+                repo.start_file_clock(session, row, expiry.seconds if expiry is not None else None)
             session.flush()
             setattr(progress, attribute, row.id)
 
@@ -264,7 +269,8 @@ def run_batch(context: JobContext) -> None:
     runtime = context.runtime
     prefix = batch_prefix(context.tenant_id, context.job_id)
     with runtime.db.session() as session:
-        input_key = repo.get_file(session, context.tenant_id, spec.input_file_id).object_key
+        # an expired input file is kept while its batch runs (afina.core.file_expiry)
+        input_key = repo.get_file(session, context.tenant_id, spec.input_file_id, include_expired=True).object_key
     lines = [line for line in runtime.store.get_bytes(input_key).splitlines() if line.strip()]
     progress = spec.progress
     progress.total = len(lines)
@@ -278,21 +284,21 @@ def run_batch(context: JobContext) -> None:
     try:
         serving_loop(runtime).run(_answer_lines(context, spec, caller, lines, results, prefix, expires_at))
     except BatchExpired:
-        _expire(context, prefix, results, lines)
+        _expire(context, spec, prefix, results, lines)
         return
     except JobCancelled:
-        _publish(context, prefix, results)
+        _publish(context, spec, prefix, results)
         _record(context, results.progress, finish={"status": "cancelled", "message": (
             f"Batch cancelled after {results.progress.lines_done} of {results.progress.total} request(s)")})
         raise
-    _publish(context, prefix, results)
+    _publish(context, spec, prefix, results)
     counts = results.progress
     _record(context, counts, finish={"status": "succeeded", "message": (
         f"Batch completed: {counts.completed} request(s) answered, {counts.failed} failed")})
     log_event(log, "batch.completed", batch=context.job_id, completed=counts.completed, failed=counts.failed)
 
 
-def _expire(context: JobContext, prefix: str, results: Results, lines: list[bytes]) -> None:
+def _expire(context: JobContext, spec: BatchSpec, prefix: str, results: Results, lines: list[bytes]) -> None:
     """The window ran out: every request not run goes to the error file as ``batch_expired``, what finished is
     published, and the batch stops (``expired``; its job row ``cancelled``, with ``expired_at`` set)."""
     progress = results.progress
@@ -301,7 +307,7 @@ def _expire(context: JobContext, prefix: str, results: Results, lines: list[byte
         results.add(expired_line(raw), False)
     progress.expired_at = progress.expired_at or now()
     _save_partials(context, prefix, results)
-    _publish(context, prefix, results)
+    _publish(context, spec, prefix, results)
     _record(context, progress, finish={"status": "cancelled", "message": (
         f"Batch expired: its completion window ended after {progress.completed} request(s) answered; "
         f"{len(left)} not run went to the error file as batch_expired")})

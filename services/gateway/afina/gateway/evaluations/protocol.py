@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from afina.core.evaluation_jobs import JudgeSpec
 from afina.core.training.request import NulFreeStr
+
+
+class JudgeRequest(BaseModel):
+    """Grade the answers with an LLM judge served by this gateway (the operator names the default judge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: NulFreeStr | None = Field(None, description="the judge model: the operator's judge, or a base model "
+                                                       "this gateway serves; default: the operator's judge")
+    rubric: Annotated[NulFreeStr, Field(min_length=1, max_length=8000)] | None = Field(
+        None, description="what the judge grades (the 1-5 scale is added); default: task, correctness, "
+                          "faithfulness to the reference, and the question's language")
+
+
+def _judge_flag(value: object) -> object:
+    """``true`` is the operator's judge with the default rubric, ``false`` no judge (else the object as given)."""
+    return {} if value is True else None if value is False else value
 
 
 class EvaluationRequest(BaseModel):
@@ -23,6 +41,9 @@ class EvaluationRequest(BaseModel):
                                                                "bleu, chrf, accuracy, macro_f1, macro_auc, ...)")
     labels: list[NulFreeStr] | None = Field(None, description="the label set the answers come from (else "
                                                               "detected from the references)")
+    judge: Annotated[JudgeRequest | None, BeforeValidator(_judge_flag)] = Field(
+        None, description="true, or {model, rubric}: grade every answer with an LLM judge (a 1-5 score and a reason "
+                          "per example); false or absent: no judge")
 
 
 class Evaluation(BaseModel):
@@ -39,6 +60,7 @@ class Evaluation(BaseModel):
     file: str | None
     models: list[str] | None
     metrics: list[str] | None
+    judge: JudgeSpec | None = Field(None, description="the LLM judge's model and rubric, when asked for")
     result_files: list[str]
     automatic: bool = Field(description="the evaluation every export queues (its gate is the model's)")
 

@@ -3,7 +3,8 @@ evaluator as a job of kind ``evaluation`` with its own events and result files.
 
 The checks: the model is one of the tenant's registered fine-tunes; each metric is one afina computes; each
 model key names the base, the fine-tuned model or an exported GGUF variant; a file is the tenant's, ingested,
-and holds examples in the format the job trained on. A label set that does not fit the references fails the
+and holds examples in the format the job trained on; an LLM judge is one the operator set up (its model, or a
+catalog base model the gateway serves to every tenant). A label set that does not fit the references fails the
 evaluation job itself (the references are read by the worker), never the fine-tuning job or its model.
 """
 
@@ -12,15 +13,22 @@ from __future__ import annotations
 import logging
 
 from afina.core.artifacts import DATASET_MANIFEST, DatasetManifest, ExportManifest, ManifestInvalid, ServedArtifacts
+from afina.core.catalog import catalog_model
 from afina.core.db import repository as repo
 from afina.core.db.models import Job, Model
 from afina.core.errors import InvalidRequest, NotFound
-from afina.core.evaluation_jobs import EVALUATION_KIND, EvaluationSpec, add_on_demand_evaluation, evaluation_jobs_of
+from afina.core.evaluation_jobs import (
+    EVALUATION_KIND,
+    EvaluationSpec,
+    JudgeSpec,
+    add_on_demand_evaluation,
+    evaluation_jobs_of,
+)
 from afina.core.logging import log_event
 from afina.core.quality_gate import METRIC_DIRECTIONS
 from afina.core.queue import outbox
 from afina.core.runtime import Runtime
-from afina.gateway.evaluations.protocol import Evaluation, EvaluationList, EvaluationRequest
+from afina.gateway.evaluations.protocol import Evaluation, EvaluationList, EvaluationRequest, JudgeRequest
 
 log = logging.getLogger("afina.gateway")
 HF_MODELS = ("base", "fine_tuned")
@@ -30,8 +38,8 @@ def evaluation_object(job: Job) -> Evaluation:
     spec = EvaluationSpec.of_job(job)
     return Evaluation(id=job.id, fine_tuning_job_id=spec.source_job_id, model=spec.model, status=job.status,
                       created_at=job.created_at, finished_at=job.finished_at, error=job.error, file=spec.file_id,
-                      models=spec.models, metrics=spec.metrics, result_files=list(job.result_files or []),
-                      automatic=not spec.on_demand)
+                      models=spec.models, metrics=spec.metrics, judge=spec.judge,
+                      result_files=list(job.result_files or []), automatic=not spec.on_demand)
 
 
 def _fine_tune(runtime: Runtime, tenant_id: str, job_id: str) -> tuple[Job, Model]:
@@ -89,6 +97,28 @@ def check_models(runtime: Runtime, model: Model, names: list[str] | None) -> lis
     return list(dict.fromkeys(keys))
 
 
+def check_judge(runtime: Runtime, asked: JudgeRequest | None) -> JudgeSpec | None:
+    """The judge's model and rubric, resolved now (what the evaluation runs with is stored on it): the request's
+    model when it is the operator's judge or a catalog base model (served to every key), else the operator's."""
+    if asked is None:
+        return None
+    configured = runtime.settings.evaluation_judge_model
+    if asked.model is not None:
+        spec = catalog_model(asked.model)
+        if asked.model != configured and spec is None:
+            raise InvalidRequest(f"judge.model names {asked.model!r}, which is not a judge this gateway serves; use "
+                                 + (f"{configured!r} (the operator's judge) or " if configured else "")
+                                 + "a base model of GET /v1/models owned by 'afina'", param="judge.model",
+                                 code="unknown_judge_model")
+        model = asked.model if spec is None else spec.id
+    elif configured:
+        model = configured
+    else:
+        raise InvalidRequest("no LLM judge is set up on this gateway: name one in judge.model, or ask the operator "
+                             "to set AFINA_EVALUATION_JUDGE_MODEL", param="judge", code="judge_not_configured")
+    return JudgeSpec(model=model, **({"rubric": asked.rubric} if asked.rubric is not None else {}))
+
+
 def check_file(runtime: Runtime, tenant_id: str, source: Job, file_id: str | None) -> str | None:
     """The file's committed dataset version, when it is the tenant's, ingested, and in the job's format."""
     if file_id is None:
@@ -125,7 +155,8 @@ def create_evaluation(runtime: Runtime, tenant_id: str, body: EvaluationRequest,
     spec = EvaluationSpec(model=model.name, source_job_id=source.id, on_demand=True,
                           labels=list(body.labels) if body.labels else None, metrics=check_metrics(body.metrics),
                           models=check_models(runtime, model, body.models), file_id=body.file,
-                          dataset_key=check_file(runtime, tenant_id, source, body.file))
+                          dataset_key=check_file(runtime, tenant_id, source, body.file),
+                          judge=check_judge(runtime, body.judge))
     with runtime.db.session() as session:
         job, message = add_on_demand_evaluation(session, repo.get_job(session, tenant_id, source.id), spec)
         result = evaluation_object(job)

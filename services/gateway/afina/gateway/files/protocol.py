@@ -16,6 +16,7 @@ class FileObject(BaseModel):
     object: Literal["file"] = "file"
     bytes: int
     created_at: int
+    expires_at: int | None = None  # epoch seconds; past it the file is gone (afina.core.file_expiry)
     filename: str
     purpose: str
     status: str = "processed"
@@ -23,8 +24,8 @@ class FileObject(BaseModel):
 
     @classmethod
     def from_row(cls, row: File) -> FileObject:
-        return cls(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
-                   purpose=row.purpose, status=row.status, status_details=row.status_details)
+        return cls(id=row.id, bytes=row.bytes, created_at=row.created_at, expires_at=row.expires_at,
+                   filename=row.filename, purpose=row.purpose, status=row.status, status_details=row.status_details)
 
 
 class FileList(BaseModel):

@@ -26,7 +26,11 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"},
                    "purpose": {"type": "string", "enum": ["fine-tune", "batch"]},
-                   "ingest_options": {"type": "string", "description": "JSON of IngestOptions (send before file)"}},
+                   "ingest_options": {"type": "string", "description": "JSON of IngestOptions (send before file)"},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000,
+                                              "description": "the file expires this long after its creation "
+                                                             "(default: 30 days for purpose batch, never else)"}},
 }}}}}
 
 

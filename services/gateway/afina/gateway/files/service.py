@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from afina.core import ids
@@ -25,6 +27,7 @@ from afina.core.datasets.sniff import UploadSniffer, check_archive
 from afina.core.db import repository as repo
 from afina.core.db.models import File
 from afina.core.errors import InvalidRequest
+from afina.core.file_expiry import BATCH_FILE_EXPIRES_AFTER_S, ExpiresAfter
 from afina.core.keys import KeyGrant, Scope
 from afina.core.metrics import FILES_UPLOADED_BYTES
 from afina.core.queue import outbox
@@ -36,6 +39,7 @@ from afina.gateway.params import check_no_nul
 
 log = logging.getLogger("afina.gateway")
 OPTIONS_FIELD = "ingest_options"
+EXPIRES_FIELD = "expires_after"  # the openai client sends it as expires_after[anchor] and expires_after[seconds]
 
 # Who may upload and read a file, by its purpose: a batch's input and its output and error files are part of
 # using models (OpenAI counts them as batch usage), so the inference scope opens them; training data and the
@@ -65,6 +69,42 @@ def check_purpose(fields: dict[str, str], *, required: bool) -> None:
     if purpose not in FILE_PURPOSES:
         raise InvalidRequest(f"Invalid 'purpose': {purpose!r}; afina accepts {list(FILE_PURPOSES)}.",
                              param="purpose")
+
+
+def parse_expires_after(fields: dict[str, str]) -> ExpiresAfter | None:
+    """The upload's ``expires_after`` (None when not sent): the ``expires_after[anchor]`` and
+    ``expires_after[seconds]`` form fields the openai client sends, or one ``expires_after`` field holding a JSON
+    object; a 400 naming the bad part (``expires_after.seconds``) otherwise, with OpenAI's limits."""
+    parts: dict[str, object] = {}
+    sent = False
+    for name, value in fields.items():
+        if name == EXPIRES_FIELD:
+            sent = True
+            try:
+                whole = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                whole = None
+            if not isinstance(whole, dict):
+                raise InvalidRequest(f"Invalid '{EXPIRES_FIELD}': send the form fields expires_after[anchor] and "
+                                     f"expires_after[seconds] (or a JSON object).", param=EXPIRES_FIELD)
+            parts.update(whole)
+        elif name.startswith(f"{EXPIRES_FIELD}[") and name.endswith("]"):
+            sent = True
+            parts[name[len(EXPIRES_FIELD) + 1:-1]] = value
+    if not sent:
+        return None
+    seconds = parts.get("seconds")
+    if isinstance(seconds, str) and re.fullmatch(r"[+-]?[0-9]+", seconds.strip()):
+        parts["seconds"] = int(seconds)  # a form field is text; the number itself is checked strictly below
+    try:
+        return ExpiresAfter.model_validate(parts)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first.get("loc", ()))
+        param = f"{EXPIRES_FIELD}.{location}" if location else EXPIRES_FIELD
+        if first.get("type") == "missing":
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise InvalidRequest(f"Invalid '{param}': {first.get('msg', 'invalid value')}.", param=param) from None
 
 
 def parse_ingest_options(text: str, runtime: Runtime | None = None, tenant_id: str | None = None) -> IngestOptions:
@@ -138,6 +178,7 @@ class UploadForm:
 
     def before_file(self, fields: dict[str, str]) -> None:
         check_purpose(fields, required=False)
+        parse_expires_after(fields)  # a bad expiry sent first stops the upload before the file
         if "purpose" in fields:
             check_file_scope(self.caller, fields["purpose"])
         if OPTIONS_FIELD in fields:
@@ -171,6 +212,7 @@ def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, option
     """
     check_purpose(upload.fields, required=True)
     check_file_scope(caller, upload.fields["purpose"])  # a purpose sent after the file is checked here
+    expires_after = parse_expires_after(upload.fields)
     check_ingest_options(runtime, tenant_id, options)
     if container == "zip":
         check_archive(upload.path, upload.filename, max_expanded_bytes=runtime.settings.max_archive_expanded_bytes)
@@ -182,12 +224,16 @@ def store_upload(runtime: Runtime, tenant_id: str, upload: SpooledUpload, option
     info = runtime.store.put_file(key, upload.path)
     purpose = upload.fields["purpose"]
     ingested = purpose != BATCH_INPUT_PURPOSE  # a batch's requests are read by its worker, line by line
+    # OpenAI's default: a batch file expires after 30 days, other files are kept until deleted
+    expires_after_s = (expires_after.seconds if expires_after is not None
+                       else BATCH_FILE_EXPIRES_AFTER_S if purpose == BATCH_INPUT_PURPOSE else None)
     try:
         with runtime.db.session() as session:
             row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
                        bytes=info.size, sha256=info.sha256 or "", object_key=key,
                        status="uploaded" if ingested else "processed", ingest_options=stored_options,
                        ingest_state={"state": "queued"} if ingested else None)
+            repo.start_file_clock(session, row, expires_after_s)
             session.add(row)
             messages = [outbox.add_file_ingest(session, file_id)] if ingested else []
     except BaseException:
