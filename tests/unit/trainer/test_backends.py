@@ -53,6 +53,7 @@ def test_unsloth_arguments_mirror_the_request() -> None:
     assert loading["model_name"] == "/models/llama" and loading["max_seq_length"] == 2048
     assert loading["load_in_4bit"] is True and loading["load_in_8bit"] is False
     assert loading["local_files_only"] is True and loading["full_finetuning"] is False
+    assert loading["fix_tokenizer"] is False  # Unsloth's tokenizer is thrown away: no slow-tokenizer load for it
     peft = get_peft_model_kwargs(request())
     assert peft["r"] == 16 and peft["lora_alpha"] == 32 and peft["target_modules"] == list(SEVEN)
     assert peft["use_gradient_checkpointing"] == "unsloth" and peft["random_state"] == 7
