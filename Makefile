@@ -11,7 +11,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 PACKAGES := -e shared[catalog] -e services/ingest -e services/trainer -e services/exporter -e services/evaluator \
             -e services/gateway[llamacpp] -e deploy/local -e cli
 
-.PHONY: help system-packages install demo test scan test-fast lint bench bench-eval bench-ingest bench-merge bench-gateway up up-services down clean
+.PHONY: help system-packages install demo test scan test-fast lint bench bench-eval bench-ingest bench-merge bench-gateway profile-gateway up up-services down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -75,6 +75,9 @@ bench-merge: install  ## streaming merge vs transformers+PEFT on a Llama-3.2-1B 
 bench-gateway: install  ## gateway overhead vs LiteLLM and a bare pass-through, then the 200-stream load run (bench/results/)
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/gateway_overhead.py --load
+
+profile-gateway: install  ## cProfile of one proxied chat completion through the gateway's ASGI app, in process
+	$(PY) bench/gateway_profile.py
 
 bench-ingest: install  ## ingest throughput and peak RSS vs Hugging Face datasets, 100k and 1M rows (bench/results/)
 	$(PY) bench/ingest_throughput.py

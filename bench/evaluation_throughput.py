@@ -1,35 +1,90 @@
-"""Evaluation throughput: the evaluator's batched/cached paths against one-by-one calls to the same backend.
+"""Evaluation throughput: the evaluator's batched path against one call at a time, on the same backend.
 
-Run: ``.venv/bin/python bench/evaluation_throughput.py [--examples 16] [--tokens 32]`` on SmolLM2-135M:
+Run: ``.venv/bin/python bench/evaluation_throughput.py [--examples 32] [--tokens 64] [--threads 1]`` (``make
+bench-eval``) on SmolLM2-135M-Instruct, the catalog's base: through transformers (float32, as the base and
+fine-tuned models are scored) and through llama.cpp (the catalog's Q4_1 GGUF, as the GGUF variants are).
 
-- transformers (the base and fine-tuned models): ``HfScorer.generate_many`` (left-padded batches of 8) against
-  ``generate`` called once per prompt, same prompts, greedy, same token budget;
-- llama.cpp (the GGUF variants): scoring an example's reference, its answer and two labels with the prompt kept
-  in the context cache (``GgufScorer`` as the evaluator uses it) against a reset before every call.
+Each side does the evaluator's whole per-example work, what ``score_model`` does: the reference's loss, each
+label's score when there are labels (``--labels``; the bundled sample's free-text answers have none, as the
+evaluator would detect), and the greedy answer of ``--tokens`` new tokens at most (the evaluator's default 64):
 
-Prompts are the bundled Aeon sample's held-out-style conversations. Examples/s of each side, both in one run,
-go to bench/results/evaluation_throughput-<time>.json; bench/RESULTS.md has the table.
+- one call at a time: ``token_logprobs`` for the reference and each label, then ``generate``, example after
+  example; for llama.cpp twice: every call from a fresh context (``reset()``), and with the scorer's prompt cache
+  (the reference, labels and answer of an example continue from its evaluated prompt: the evaluator's GGUF path
+  before batching);
+- the evaluator's path: ``score_model`` itself (``score_many`` in batches of ``GENERATION_BATCH``, sorted by
+  prompt length).
+
+Both sides' answers and losses are compared (they should be equal). Examples/s of each side, all in one run, go
+to bench/results/evaluation_throughput-<time>.json; bench/RESULTS.md has the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "cli" / "afina" / "cli" / "data" / "aeon_sample.jsonl"
 
 
+def one_call_at_a_time(scorer: Any, inputs: Any, *, fresh: bool = False) -> tuple[list[str], list[float | None]]:
+    """Each example's reference log-probabilities, label scores and greedy answer, one scorer call each."""
+    answers, losses = [], []
+
+    def call(method: Any, *args: Any) -> Any:
+        if fresh:
+            scorer.llm.reset()
+        return method(*args)
+
+    for i, item in enumerate(inputs.examples):
+        logprobs = call(scorer.token_logprobs, item.prompt_ids, item.answer_ids) if item.answer_ids else []
+        losses.append(-sum(logprobs) / len(logprobs) if logprobs else None)
+        for ids in (inputs.label_answers[i].values() if inputs.label_answers else ()):
+            call(scorer.token_logprobs, item.prompt_ids, ids)
+        answers.append(call(scorer.generate, item.prompt_ids, inputs.max_new_tokens))
+    return answers, losses
+
+
+def measure(name: str, scorer: Any, inputs: Any, baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Examples/s of each one-call-at-a-time baseline and of ``score_model``, and whether their figures agree."""
+    from afina.evaluator.scoring import ModelPlan, score_model
+
+    figures: dict[str, Any] = {}
+    results: dict[str, tuple[list[str], list[float | None]]] = {}
+    for baseline, options in baselines.items():
+        started = time.perf_counter()
+        results[baseline] = one_call_at_a_time(scorer, inputs, **options)
+        figures[f"{baseline}_examples_per_s"] = len(inputs.examples) / (time.perf_counter() - started)
+    plan = ModelPlan(key=name, kind=name, title=name, identity=name, load=lambda: scorer)
+    started = time.perf_counter()
+    evaluation = score_model(scorer, plan, inputs, fingerprint="bench", check_continue=lambda: None)
+    figures["evaluator_examples_per_s"] = len(inputs.examples) / (time.perf_counter() - started)
+    for baseline in baselines:
+        figures[f"speedup_vs_{baseline}"] = (figures["evaluator_examples_per_s"]
+                                             / figures[f"{baseline}_examples_per_s"])
+    for baseline, (answers, losses) in results.items():
+        figures[f"answers_equal_to_{baseline}"] = sum(
+            a == b for a, b in zip(answers, evaluation.answers, strict=True))
+        figures[f"max_example_loss_difference_to_{baseline}"] = max(
+            (abs(a - b) for a, b in zip(losses, evaluation.example_losses, strict=True)
+             if a is not None and b is not None), default=0.0)
+    return figures
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per answer at most")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of both backends (1: a shared machine)")
+    parser.add_argument("--labels", default="", help="comma-separated label answers scored for every example")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -39,6 +94,7 @@ def main() -> None:
     from afina.evaluator.examples import split_examples, tokenize
     from afina.evaluator.gguf import GgufScorer
     from afina.evaluator.hf import HfScorer
+    from afina.evaluator.scoring import GENERATION_BATCH, ScoringInputs
 
     spec = resolve_base_model("smollm2-135m-instruct")
     cache = Path(os.environ.get("AFINA_MODEL_CACHE_DIR", Path.home() / ".cache" / "afina" / "models"))
@@ -47,49 +103,39 @@ def main() -> None:
     tokenizer.chat_template = spec.family.stock_template
     records = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
     examples = [tokenize(tokenizer, example) for example in split_examples(records)[:args.examples]]
-    prompts = [item.prompt_ids for item in examples]
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    inputs = ScoringInputs(
+        examples=examples, labels=labels or None,
+        label_answers=[{label: tokenize(tokenizer, item.example, answer=label).answer_ids for label in labels}
+                       for item in examples] if labels else None,
+        train=[], max_new_tokens=args.tokens)
     stop = [tokenizer.convert_tokens_to_ids(token) for token in spec.family.stop]
-    results: dict[str, float] = {}
+    record: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(), "model": spec.id, "gguf": spec.gguf_path().name,
+        "examples": len(examples), "prompt_tokens_mean": sum(len(e.prompt_ids) for e in examples) / len(examples),
+        "tokens": args.tokens, "labels": labels, "threads": args.threads, "batch": GENERATION_BATCH}
 
     scorer = HfScorer.load(base_dir, tokenizer, stop, threads=args.threads)
-    started = time.perf_counter()
-    for prompt in prompts:
-        scorer.generate(prompt, args.tokens)
-    results["hf_sequential_examples_per_s"] = len(prompts) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    for start in range(0, len(prompts), 8):
-        scorer.generate_many(prompts[start:start + 8], args.tokens)
-    results["hf_batched_examples_per_s"] = len(prompts) / (time.perf_counter() - started)
+    record["transformers"] = measure("hf", scorer, inputs, {"one_call_at_a_time": {}})
     scorer.close()
-
-    labels = [tokenize(tokenizer, item.example, answer=text).answer_ids for item in examples[:1]
-              for text in ("Beleza!", "Sure thing!")]
     gguf = GgufScorer(spec.gguf_path(), 2048, args.threads)
-
-    def score(item, fresh: bool) -> None:  # noqa: ANN001
-        for answer in (item.answer_ids, *labels):
-            if fresh:
-                gguf.llm.reset()
-            gguf.token_logprobs(item.prompt_ids, answer)
-        if fresh:
-            gguf.llm.reset()
-        gguf.generate(item.prompt_ids, args.tokens)
-
-    for name, fresh in (("gguf_reset_each_call_examples_per_s", True), ("gguf_cached_prompt_examples_per_s", False)):
-        started = time.perf_counter()
-        for item in examples:
-            score(item, fresh)
-        results[name] = len(examples) / (time.perf_counter() - started)
+    record["llama_cpp"] = measure("gguf", gguf, inputs, {"one_call_at_a_time_fresh_context": {"fresh": True},
+                                                          "one_call_at_a_time_prompt_cache": {}})
+    record["llama_cpp"]["batched_context_shape"] = list(gguf._batched_shape)
     gguf.close()
-    results["hf_speedup"] = results["hf_batched_examples_per_s"] / results["hf_sequential_examples_per_s"]
-    results["gguf_speedup"] = (results["gguf_cached_prompt_examples_per_s"]
-                               / results["gguf_reset_each_call_examples_per_s"])
-    record = {"when": datetime.now(UTC).isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
-              "examples": len(examples), "tokens": args.tokens, "threads": args.threads, **results}
+    record["load_average_after"] = os.getloadavg()
+    record["peak_rss_mb"] = _peak_rss_mb()
     out = ROOT / "bench" / "results" / f"evaluation_throughput-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return math.floor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 if __name__ == "__main__":

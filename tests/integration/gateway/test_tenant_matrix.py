@@ -119,7 +119,9 @@ NOT_OBJECT_BODY: dict[tuple[str, str], set[str]] = {
                                   "stream", "stream_options", "echo", "logprobs", "suffix", "best_of", "user"},
     ("POST", "/v1/embeddings"): {"input", "encoding_format", "dimensions", "user"},
     ("PUT", ROUTE): {"system", "options", "timeout_s"},
-    ("POST", "/v1/files"): {"file", "purpose", "ingest_options"},
+    # expires_after: seconds to a file's end (the form's bracketed fields or one JSON field), naming nothing
+    ("POST", "/v1/files"): {"file", "purpose", "ingest_options", "expires_after", "expires_after[anchor]",
+                            "expires_after[seconds]"},
     ("POST", "/v1/chat/completions/{completion_id}/feedback"): {"rating", "correction"},
     # model keys (base, fine_tuned, gguf:<variant>), metric names and labels: words, not objects
     ("POST", "/v1/fine_tuning/jobs/{job_id}/evaluations"): {"models", "metrics", "labels"},

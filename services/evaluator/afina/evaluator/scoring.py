@@ -31,8 +31,15 @@ class Scorer(Protocol):
 
     def close(self) -> None: ...
 
+    # optional, for a scorer that does several examples at once (both of afina's do; ``_batched_scores``):
+    # ``score_many(prompts, answers, max_new_tokens) -> [(greedy answer, [log-probabilities of each answer])]``,
+    # the same figures as the calls above, one tuple per prompt; or only ``generate_many(prompts, max_new_tokens)``.
 
-GENERATION_BATCH = 8  # prompts a scorer with ``generate_many`` answers at once (cancellation checked between)
+
+# examples a batching scorer (``score_many``/``generate_many``) takes at once, cancellation checked between. On the
+# 2-core bench machine (bench/RESULTS.md) transformers gains up to 16; llama.cpp, bound by arithmetic there, is
+# indifferent past 8. Each batch's llama.cpp KV cache holds 16 sequences of its longest prompt and answer.
+GENERATION_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -62,22 +69,30 @@ def score_model(scorer: Scorer, plan: ModelPlan, inputs: ScoringInputs, *, finge
     losses: list[float | None] = []
     probabilities: list[dict[str, float]] = []
     total_nll, total_tokens = 0.0, 0
-    # a batching scorer answers everything first; llama.cpp answers each prompt right after scoring it, while
-    # the prompt is still in its cache
-    batched = _batched_answers(scorer, inputs, check_continue)
+    # a scorer that scores batches (``score_many``) does each example's whole work in batches first; one that only
+    # answers in batches (``generate_many``) answers first; else, one example at a time: llama.cpp's single-sequence
+    # path answers each prompt right after scoring it, while the prompt is still in its cache
+    scored = _batched_scores(scorer, inputs, check_continue)
+    batched = _batched_answers(scorer, inputs, check_continue) if scored is None else [a for a, _ in scored]
     answers: list[str] = batched or []
     for i, item in enumerate(inputs.examples):
         check_continue()
-        nll, count = _nll(scorer, item)
+        label_answers = inputs.label_answers[i] if inputs.label_answers is not None else None
+        if scored is not None:
+            reference_logprobs, *label_logprobs = scored[i][1]
+        else:
+            reference_logprobs = scorer.token_logprobs(item.prompt_ids, item.answer_ids) if item.answer_ids else []
+        nll, count = -sum(reference_logprobs), len(reference_logprobs)
         total_nll += nll
         total_tokens += count
         losses.append(nll / count if count else None)
         if batched is None:
             answers.append(scorer.generate(item.prompt_ids, inputs.max_new_tokens))
-        if inputs.label_answers is not None:
+        if label_answers is not None:
+            if scored is None:
+                label_logprobs = [scorer.token_logprobs(item.prompt_ids, ids) for ids in label_answers.values()]
             probabilities.append(label_distribution(
-                {label: sum(scorer.token_logprobs(item.prompt_ids, ids))
-                 for label, ids in inputs.label_answers[i].items()}))
+                {label: sum(logprobs) for label, logprobs in zip(label_answers, label_logprobs, strict=True)}))
     loss = total_nll / total_tokens if total_tokens else None
     train_loss = None
     if with_train and inputs.train:
@@ -97,16 +112,42 @@ def score_model(scorer: Scorer, plan: ModelPlan, inputs: ScoringInputs, *, finge
         train_examples=len(inputs.train) if train_loss is not None else 0, seconds=time.monotonic() - started)
 
 
+def _batches(inputs: ScoringInputs) -> list[list[int]]:
+    """The examples' indices in batches of ``GENERATION_BATCH``, by prompt length: a batch of similar prompts
+    carries less padding through transformers' forwards (the figures come back in the examples' order)."""
+    order = sorted(range(len(inputs.examples)), key=lambda i: len(inputs.examples[i].prompt_ids))
+    return [order[start:start + GENERATION_BATCH] for start in range(0, len(order), GENERATION_BATCH)]
+
+
+def _batched_scores(scorer: Scorer, inputs: ScoringInputs,
+                    check_continue: Callable[[], None]) -> list[tuple[str, list[list[float]]]] | None:
+    """Per example (in the examples' order), its greedy answer and the log-probabilities of its reference and
+    then of each label's answer, in batches, when the scorer scores batches (``score_many``); else None."""
+    many = getattr(scorer, "score_many", None)
+    if many is None:
+        return None
+    results: list[tuple[str, list[list[float]]] | None] = [None] * len(inputs.examples)
+    for batch in _batches(inputs):
+        check_continue()
+        answers = [[inputs.examples[i].answer_ids,
+                    *(inputs.label_answers[i].values() if inputs.label_answers is not None else ())] for i in batch]
+        for i, result in zip(batch, many([inputs.examples[i].prompt_ids for i in batch], answers,
+                                         inputs.max_new_tokens), strict=True):
+            results[i] = result
+    return [result for result in results if result is not None]
+
+
 def _batched_answers(scorer: Scorer, inputs: ScoringInputs, check_continue: Callable[[], None]) -> list[str] | None:
     """Every example's greedy answer in batches, when the scorer decodes batches (``generate_many``); else None."""
     many = getattr(scorer, "generate_many", None)
     if many is None:
         return None
-    answers: list[str] = []
-    for start in range(0, len(inputs.examples), GENERATION_BATCH):
+    answers: list[str] = [""] * len(inputs.examples)
+    for batch in _batches(inputs):
         check_continue()
-        batch = inputs.examples[start:start + GENERATION_BATCH]
-        answers += many([item.prompt_ids for item in batch], inputs.max_new_tokens)
+        for i, answer in zip(batch, many([inputs.examples[i].prompt_ids for i in batch], inputs.max_new_tokens),
+                             strict=True):
+            answers[i] = answer
     return answers
 
 

@@ -25,6 +25,7 @@ from afina.gateway.completions.router import router as completions_router
 from afina.gateway.embeddings.router import router as embeddings_router
 from afina.gateway.errors import install_error_handlers, log
 from afina.gateway.evaluations.router import router as evaluations_router
+from afina.gateway.fast_path import InferenceFastPath, fast_routes
 from afina.gateway.files.router import router as files_router
 from afina.gateway.fine_tuning.router import router as fine_tuning_router
 from afina.gateway.middleware import GatewayMiddleware
@@ -35,6 +36,9 @@ from afina.gateway.routes.router import router as routes_router
 from afina.gateway.serving.stack import build_serving
 
 VERSION = "0.1.0"
+# the routers every proxied request takes: matched first (``match_first``), and those of their routes whose only
+# inputs are a JSON body and ``deps.inference_call`` answered by ``fast_path.InferenceFastPath``
+PROXIED_ROUTERS: tuple[APIRouter, ...] = (chat_router, completions_router, embeddings_router, ollama_router)
 
 
 def create_app(runtime: Runtime | None = None) -> FastAPI:
@@ -69,7 +73,9 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
-    # metrics, x-ratelimit-* headers, and the key and body size before the body is read: one layer
+    # innermost first: the proxied routes answered without FastAPI's handler (same checks, same answers), then
+    # around it metrics, x-ratelimit-* headers, and the key and body size before the body is read: one layer
+    app.add_middleware(InferenceFastPath, routes=fast_routes(PROXIED_ROUTERS))
     app.add_middleware(GatewayMiddleware, settings=runtime.settings)
     # captures before routes: see its router
     for router in (files_router, batches_router, fine_tuning_router, evaluations_router, models_router, chat_router,
@@ -89,7 +95,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         body, content_type = render_latest()
         return Response(body, media_type=content_type)
 
-    match_first(app, (chat_router, completions_router, embeddings_router, ollama_router))
+    match_first(app, PROXIED_ROUTERS)
     return app
 
 

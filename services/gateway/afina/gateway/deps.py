@@ -106,7 +106,8 @@ async def inference_call(request: Request) -> InferenceCall:
     a NUL in a path or query parameter (400), the key (401), its ``inference`` scope (403), and one request
     counted against its per-minute limits (429 past them; the key's state goes on ``request.state`` for the
     ``x-ratelimit-*`` headers of the answer). It was six dependencies; FastAPI's solving of each cost more than
-    the work inside it, on the path every proxied request takes."""
+    the work inside it, on the path every proxied request takes. ``fast_path.InferenceFastPath`` calls it too,
+    for the same routes' requests it answers without FastAPI's handler."""
     await refuse_nul_params(request)
     state = request.app.state
     registry: RegistryCache = state.registry

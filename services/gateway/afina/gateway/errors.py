@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from afina.core.errors import AfinaError, Overloaded
 from afina.core.logging import log_event, new_error_id
@@ -117,3 +118,18 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def mapped_answer(request: Request, exc: Exception) -> Response | None:
+    """The answer the app's exception handlers give ``exc``, found as Starlette's exception layer finds it (the
+    first class of its MRO with a handler), for code that runs outside that layer (``fast_path``). None when
+    only the catch-all ``Exception`` handler would answer: that one belongs to the outermost layer, and the
+    exception is to be raised on to it, as from any route."""
+    handlers = request.app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        handler = handlers.get(cls)
+        if handler is not None:
+            return await handler(request, exc)
+    return None
