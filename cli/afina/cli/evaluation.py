@@ -17,7 +17,7 @@ EVALUATION_JOB_EVENT_KEY = "evaluation_job_id"
 EVALUATION_FILE = "evaluation.json"
 COLUMNS = (("loss", "loss"), ("perplexity", "ppl"), ("exact_match", "EM"), ("normalized_exact_match", "normEM"),
            ("token_f1", "tokF1"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"), ("chrf", "chrF"),
-           ("accuracy", "acc"), ("macro_f1", "macroF1"), ("macro_auc", "AUC"))
+           ("accuracy", "acc"), ("macro_f1", "macroF1"), ("macro_auc", "AUC"), ("judge", "judge"))
 
 
 def evaluation_job_id(client: Any, job_id: str) -> str | None:
@@ -53,6 +53,8 @@ def _metric(figures: dict[str, Any], name: str) -> float | None:
         return figures.get(name)
     if name in ("accuracy", "macro_f1", "macro_auc"):
         return (figures.get("classification") or {}).get(name)
+    if name == "judge":  # the LLM judge's mean score (1-5), when the evaluation asked for one
+        return (figures.get("judge") or {}).get("mean")
     return (figures.get("text") or {}).get(name)
 
 
@@ -61,7 +63,7 @@ def comparison_table(evaluation: dict[str, Any]) -> str:
     models: dict[str, dict[str, Any]] = evaluation["models"]
     asked = evaluation.get("metrics")
     shown = [(name, title) for name, title in COLUMNS if any(_metric(f, name) is not None for f in models.values())
-             and (not asked or name in asked)]
+             and (not asked or name in asked or name == "judge")]
     rows = [["model", *[title for _name, title in shown]]]
     for figures in models.values():
         rows.append([str(figures["title"]),
@@ -77,6 +79,11 @@ def comparison_table(evaluation: dict[str, Any]) -> str:
     header = f"{evaluation['examples']} {where}, task {evaluation['task']}, main metric {evaluation['main_metric']}"
     footer = [f"quality gate: {verdict}"]
     footer += [f"  - {check['message']}" for check in gate["checks"] if not check["passed"]]
+    if evaluation.get("judge"):
+        footer.append(f"judge: {evaluation['judge']['model']} (score 1-5)")
+        footer += [f"  - {figures['title']}: {judge['unscored']} example(s) unscored"
+                   + (f" ({judge['error']})" if judge.get("error") else "")
+                   for figures in models.values() if (judge := figures.get("judge")) and judge.get("unscored")]
     gap = evaluation.get("loss_gap")
     if gap:
         footer.append(f"train/held-out loss gap: {gap['gap']:.6g}" + (" (overfitting)" if gap["overfitting"] else ""))
@@ -84,10 +91,13 @@ def comparison_table(evaluation: dict[str, Any]) -> str:
 
 
 def run_evaluation(base_url: str, api_key: str, model: str, *, data: Path | None, compare: list[str] | None,
-                   metrics: list[str] | None, labels: list[str] | None, out: TextIO | None = None,
+                   metrics: list[str] | None, labels: list[str] | None, judge: bool | str = False,
+                   rubric: str | None = None, out: TextIO | None = None,
                    poll_s: float = 1.0, timeout_s: float = 24 * 3600) -> dict[str, Any]:
     """``afina eval``: upload ``data`` (when given) and wait for its ingest, ask for the evaluation of ``model``
-    against ``compare`` (base, GGUF variants), print its events, return its ``evaluation.json``."""
+    against ``compare`` (base, GGUF variants), print its events, return its ``evaluation.json``. ``judge``: True
+    grades the answers with the operator's LLM judge, a name with that model; ``rubric`` replaces the default
+    rubric."""
     from afina.cli.datasets import CliError, push_file, wait_for_ingest
     from afina.cli.models import _checked, _client, follow
 
@@ -106,6 +116,9 @@ def run_evaluation(base_url: str, api_key: str, model: str, *, data: Path | None
         body["metrics"] = metrics
     if labels:
         body["labels"] = labels
+    if judge or rubric:
+        body["judge"] = {key: value for key, value in
+                         (("model", judge if isinstance(judge, str) else None), ("rubric", rubric)) if value}
     with _client(base_url, api_key) as client:
         evaluation = _checked(client.post(f"/v1/models/{model}/evaluations", json=body))
         source = evaluation["fine_tuning_job_id"]

@@ -269,7 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
         base_url, api_key = connection(args.home)
         evaluation = run_evaluation(base_url, api_key, args.model, data=Path(args.data) if args.data else None,
                                     compare=names(args.compare), metrics=names(args.metrics),
-                                    labels=names(args.labels))
+                                    labels=names(args.labels), judge=args.judge, rubric=args.rubric)
     except CliError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -415,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what to compare the fine-tuned model with, e.g. base,q4_k_m (default: all)")
     evaluate.add_argument("--metrics", default=None, help="comma-separated metrics, the first the main one")
     evaluate.add_argument("--labels", default=None, help="comma-separated label set of a classification task")
+    evaluate.add_argument("--judge", nargs="?", const=True, default=False, metavar="MODEL",
+                          help="grade every answer with an LLM judge served by the gateway (1-5): the operator's "
+                               "judge, or MODEL")
+    evaluate.add_argument("--rubric", default=None, help="what the judge grades (default: the task, correctness, "
+                                                         "faithfulness to the reference, the question's language)")
     evaluate.set_defaults(run=_eval)
 
     pull_cmd = commands.add_parser("pull", help="download a fine-tuned model's GGUF (resumes a partial download)")

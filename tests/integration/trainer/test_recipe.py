@@ -109,13 +109,14 @@ def test_a_run_trains_reports_checkpoints_and_stores_the_adapter(reference_run: 
     # the result files, as the OpenAI API lists them: the report, its charts, the step CSV, the metrics files
     with runtime.db.session() as session:
         results = [repo.get_file(session, job.tenant_id, file_id) for file_id in job.result_files]
-    assert [f.filename for f in results] == ["report.md", "report.html", "chart_loss.png", "chart_learning_rate.png",
-                                             "chart_memory.png", "step_metrics.csv", "training_metrics.jsonl",
-                                             "hardware_metrics.jsonl"]
+    assert [f.filename for f in results] == ["report.md", "report.html", "report.pdf", "chart_loss.png",
+                                             "chart_learning_rate.png", "chart_memory.png", "step_metrics.csv",
+                                             "training_metrics.jsonl", "hardware_metrics.jsonl"]
     assert all(f.purpose == "fine-tune-results" for f in results)
     by_name = {f.filename: f for f in results}
     assert runtime.store.get_bytes(by_name["chart_loss.png"].object_key).startswith(b"\x89PNG")
     assert b"data:image/png;base64," in runtime.store.get_bytes(by_name["report.html"].object_key)
+    assert runtime.store.get_bytes(by_name["report.pdf"].object_key).startswith(b"%PDF-")
     csv_lines = runtime.store.get_bytes(by_name["step_metrics.csv"].object_key).decode().splitlines()
     assert csv_lines[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
     assert len(csv_lines) == 7 and csv_lines[-1].split(",")[3]  # step 6 carries the validation loss

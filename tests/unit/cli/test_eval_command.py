@@ -76,3 +76,11 @@ def test_eval_of_an_unknown_variant_is_an_error_naming_the_available_ones(gatewa
                        labels=None, out=io.StringIO())
     assert caught.value.message.startswith("400: models names 'q2_k'")
     assert caught.value.message.endswith("available: base, fine_tuned, gguf:f16, gguf:q4_k_m")
+
+
+def test_eval_with_the_judge_and_no_judge_configured_is_an_error_naming_it(gateway) -> None:  # noqa: ANN001
+    job, key, _models = gateway
+    with pytest.raises(CliError) as caught:
+        run_evaluation("http://testserver/v1", key, job.model_name, data=None, compare=None, metrics=None,
+                       labels=None, judge=True, out=io.StringIO())
+    assert caught.value.message.startswith("400: ") and "judge" in caught.value.message

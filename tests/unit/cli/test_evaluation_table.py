@@ -40,3 +40,17 @@ def test_one_row_per_model_with_the_figures_that_exist() -> None:
 def test_a_failed_gate_lists_the_failed_rules() -> None:
     text = comparison_table(evaluation(gate_passed=False, enforced=True))
     assert "quality gate: FAILED (blocks serving)\n  - Q4_K_M GGUF token_f1 0.1 vs F16 GGUF 0.5" in text
+
+
+def test_a_judged_evaluation_shows_the_judge_mean_and_the_unscored_examples() -> None:
+    judged = evaluation(gate_passed=True)
+    judged["metrics"] = ["token_f1"]  # the judge column shows even when the metrics were named
+    judged["judge"] = {"model": "smollm2-135m-instruct", "rubric": "r", "prompt_version": 1}
+    for key, mean, unscored in (("base", 2.25, 0), ("fine_tuned", 4.5, 0), ("gguf:q4_k_m", 4.0, 2)):
+        judged["models"][key]["judge"] = {"mean": mean, "scored": 8 - unscored, "unscored": unscored, "error": None}
+    table = comparison_table(judged).splitlines()
+    assert table[1].split() == ["model", "tokF1", "judge"]
+    assert table[4].split() == ["fine-tuned", "0.5", "4.5"]
+    assert "judge: smollm2-135m-instruct (score 1-5)" in table
+    assert "  - Q4_K_M GGUF: 2 example(s) unscored" in table
+    assert not any("fine-tuned:" in line for line in table)  # a model with every example scored says nothing
