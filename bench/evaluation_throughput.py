@@ -85,6 +85,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per answer at most")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of both backends (1: a shared machine)")
     parser.add_argument("--labels", default="", help="comma-separated label answers scored for every example")
+    parser.add_argument("--backends", default="transformers,llama_cpp", help="which of the two to measure")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated GGUF variants the exporter makes (q8_0, q4_k_m, ...) measured besides "
+                             "the catalog's file: converted and quantized from the base with afina's exporter")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -116,20 +120,47 @@ def main() -> None:
         "examples": len(examples), "prompt_tokens_mean": sum(len(e.prompt_ids) for e in examples) / len(examples),
         "tokens": args.tokens, "labels": labels, "threads": args.threads, "batch": GENERATION_BATCH}
 
-    scorer = HfScorer.load(base_dir, tokenizer, stop, threads=args.threads)
-    record["transformers"] = measure("hf", scorer, inputs, {"one_call_at_a_time": {}})
-    scorer.close()
-    gguf = GgufScorer(spec.gguf_path(), 2048, args.threads)
-    record["llama_cpp"] = measure("gguf", gguf, inputs, {"one_call_at_a_time_fresh_context": {"fresh": True},
-                                                          "one_call_at_a_time_prompt_cache": {}})
-    record["llama_cpp"]["batched_context_shape"] = list(gguf._batched_shape)
-    gguf.close()
+    backends = {name.strip() for name in args.backends.split(",")}
+    if "transformers" in backends:
+        scorer = HfScorer.load(base_dir, tokenizer, stop, threads=args.threads)
+        record["transformers"] = measure("hf", scorer, inputs, {"one_call_at_a_time": {}})
+        scorer.close()
+    ggufs = {"llama_cpp": spec.gguf_path()} if "llama_cpp" in backends else {}
+    ggufs.update({f"llama_cpp_{variant}": path for variant, path in exported_variants(base_dir, args.variants)})
+    for key, path in ggufs.items():
+        gguf = GgufScorer(path, 2048, args.threads)
+        record[key] = {"gguf": path.name, **measure("gguf", gguf, inputs, {
+            "one_call_at_a_time_fresh_context": {"fresh": True}, "one_call_at_a_time_prompt_cache": {}})}
+        record[key]["batched_context_shape"] = list(gguf._batched_shape)
+        gguf.close()
     record["load_average_after"] = os.getloadavg()
     record["peak_rss_mb"] = _peak_rss_mb()
     out = ROOT / "bench" / "results" / f"evaluation_throughput-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+def exported_variants(base_dir: Path, variants: str) -> list[tuple[str, Path]]:
+    """The GGUF of each named variant, as the exporter makes it from the base (kept between runs: the base does
+    not change): llama.cpp's converter to f16, then its quantizer."""
+    from afina.exporter.gguf import convert_to_gguf, quantize_gguf, resolve_quantizations
+
+    names = resolve_quantizations(variants.split(",")) if variants.strip() else []
+    if not names:
+        return []
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "afina-bench-gguf"
+    cache.mkdir(parents=True, exist_ok=True)
+    f16 = cache / "smollm2-f16.gguf"
+    if not f16.is_file():
+        convert_to_gguf(base_dir, f16, log_path=cache / "convert.log")
+    paths = []
+    for name in names:
+        path = cache / f"smollm2-{name}.gguf"
+        if not path.is_file():
+            quantize_gguf(f16, path, name)
+        paths.append((name, path))
+    return paths
 
 
 def _peak_rss_mb() -> float:

@@ -6,13 +6,14 @@ from typing import Any
 
 import pytest
 
-from afina.core.catalog import SMOLLM2_TRAINING_TEMPLATE
+from afina.core.catalog import FAMILIES, SMOLLM2_TRAINING_TEMPLATE
 from afina.core.errors import DatasetInvalid, TrainingFailed
 from afina.core.runtime import Runtime
 from afina.core.settings import Settings
 from afina.trainer.data import (
     IGNORE_INDEX,
     check_template_parity,
+    encode_conversations,
     encode_example,
     encode_split,
     encode_training_split,
@@ -149,11 +150,36 @@ def test_prepared_dataset_is_read_and_checked_against_its_manifest(tmp_path: Any
         load_prepared_dataset(runtime.store, None)
 
 
-def test_mask_runs_finds_every_run_of_ones() -> None:
-    from afina.trainer.data import _mask_runs
+CONVERSATIONS: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "oi aeon tudo bem"}, {"role": "assistant", "content": "E aí! Tudo joia. E você?"}],
+    [{"role": "system", "content": "Você é AEON, direto e bem-humorado."},
+     {"role": "user", "content": "qual a capital da França?"},
+     {"role": "assistant", "content": "Paris, claro.", "weight": 0},
+     {"role": "user", "content": "e da Itália?"},
+     {"role": "assistant", "content": "Roma! 🇮🇹\n\nQuer mais alguma?"}],
+    [{"role": "user", "content": "o que acontece se eu escrever <|im_end|> aqui?"},
+     {"role": "assistant", "content": "  Vira o token especial <|im_start|>, cuidado.  "}],
+    [{"role": "user", "content": "JSON"}, {"role": "assistant", "content": "{\n  \"pedido\": 42\n}"},
+     {"role": "user", "content": "vazio"}, {"role": "assistant", "content": ""}],
+]
 
-    assert _mask_runs([]) == []
-    assert _mask_runs([0, 0]) == []
-    assert _mask_runs([1]) == [(0, 1)]
-    assert _mask_runs([1, 1, 0, 1]) == [(0, 2), (3, 4)]
-    assert _mask_runs([0, 1, 1, 0, 0, 1, 1, 1]) == [(1, 3), (5, 8)]
+
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_the_encoder_masks_like_transformers(tokenizer: Any, family_name: str) -> None:
+    """The reference is transformers' own ``return_assistant_tokens_mask``, for every family's training template
+    (SmolLM2's vocabulary stands in for each family's own: what is compared is the rendering and the mask rule)."""
+    template = FAMILIES[family_name].training_template
+    for messages in CONVERSATIONS:
+        try:
+            expected = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True,
+                                                     return_dict=True, return_assistant_tokens_mask=True)
+        except Exception:  # the template refuses this conversation (e.g. gemma and a system message)
+            with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the template raises, ours raises too
+                encode_conversations(tokenizer, [messages], template)
+            continue
+        ((input_ids, runs),) = encode_conversations(tokenizer, [messages], template)
+        mask = [0] * len(input_ids)
+        for start, end in runs:
+            mask[start:end] = [1] * (end - start)
+        assert input_ids == list(expected["input_ids"])
+        assert mask == list(expected["assistant_masks"]), (family_name, messages)

@@ -24,12 +24,11 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from afina.core.catalog import BaseModelSpec, ChatFamily, StoreSource
+from afina.core.catalog.rendering import TEMPLATE_TOKEN_KEYS, render_chat, reply_token_runs, template_tokens
 from afina.core.catalog.template_refusal import first_refused_message, refused_where
 from afina.core.errors import NotFound
 from afina.core.hfmodels import COMPLETE_MARKER, base_model_dir
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
     from afina.core.store import ArtifactStore
 
 LengthPolicy = Literal["drop", "truncate", "fail"]
-TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "config.json")
 
@@ -72,9 +70,7 @@ class IngestTokenizer:
     @classmethod
     def from_transformers(cls, tokenizer: Any) -> IngestTokenizer:
         """Wrap a transformers fast tokenizer (tests, or a caller that already has one loaded)."""
-        special = {key: value for key, value in tokenizer.special_tokens_map.items()
-                   if key in TEMPLATE_TOKEN_KEYS and isinstance(value, str)}
-        return cls(tokenizer.backend_tokenizer, special)
+        return cls(tokenizer.backend_tokenizer, template_tokens(tokenizer))
 
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -181,79 +177,6 @@ def _token_text(value: Any) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
 
-# -- rendering -----------------------------------------------------------------------------------
-
-
-class _GenerationTracker:
-    """Where each ``{% generation %}`` block lands in the rendered text (character offsets)."""
-
-    def __init__(self) -> None:
-        self.offset = 0  # characters rendered so far, updated by the render loop
-        self.spans: list[tuple[int, int]] | None = None
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str) -> tuple[Any, _GenerationTracker]:
-    """The template compiled like transformers compiles chat templates, plus a generation tracker.
-
-    transformers renders in a sandbox because Hub templates are untrusted; afina's come from its
-    own catalog, and the plain environment renders the same text twice as fast.
-    """
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-
-    tracker = _GenerationTracker()
-
-    class GenerationExtension(Extension):
-        tags = {"generation"}  # noqa: RUF012 - jinja's Extension API
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
-
-        def _track(self, caller: Any) -> str:
-            rendered = caller()
-            if tracker.spans is not None:
-                tracker.spans.append((tracker.offset, tracker.offset + len(rendered)))
-            return rendered
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False,
-                                     extensions=[GenerationExtension, loopcontrols])
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-    return environment.from_string(template), tracker
-
-
-def render_chat(template: str, messages: list[dict[str, Any]],
-                special_tokens: dict[str, str] | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """``(rendered text, [(start, end) character span of each generation block])``, as transformers renders it.
-
-    Not reentrant across threads (the compiled template's tracker is shared): ingest workers
-    render from one thread per process.
-    """
-    compiled, tracker = _compile(template)
-    spans: list[tuple[int, int]] = []
-    blocks: list[str] = []
-    tracker.offset, tracker.spans = 0, spans
-    try:
-        for block in compiled.generate(messages=messages, tools=None, documents=None, add_generation_prompt=False,
-                                       **(special_tokens or {})):
-            blocks.append(block)
-            tracker.offset += len(block)
-    finally:
-        tracker.spans = None
-    return "".join(blocks), spans
-
-
 # -- masking ---------------------------------------------------------------------------------------
 
 
@@ -271,29 +194,6 @@ class EncodedChat:
     def offsets(self) -> list[tuple[int, int]]:
         """Character span of each token in ``text``."""
         return self.encoding.offsets
-
-
-def _mask_runs(encoding: Any, char_spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-    """Token runs covered by ``char_spans``: transformers' assistant mask, split into runs like the trainer does.
-
-    A span covers the tokens from the one holding its first character to the one holding its
-    last; runs that touch merge (as ones in a mask would). transformers stops at the first span
-    whose start has no token (cut by truncation); so does this.
-    """
-    runs: list[tuple[int, int]] = []
-    for start_char, end_char in char_spans:
-        start = encoding.char_to_token(start_char)
-        if start is None:
-            break
-        end = encoding.char_to_token(end_char - 1)
-        stop = end + 1 if end else length
-        if stop <= start:
-            continue
-        if runs and start <= runs[-1][1]:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
-        else:
-            runs.append((start, stop))
-    return runs
 
 
 def render_example(example: Example, family: ChatFamily,
@@ -329,7 +229,7 @@ def encode_examples(tokenizer: IngestTokenizer, family: ChatFamily, examples: Se
     encoded: list[EncodedChat] = []
     for example, (text, spans), encoding in zip(examples, rendered, encodings, strict=True):
         ids = encoding.ids
-        runs = _mask_runs(encoding, spans, len(ids))
+        runs = reply_token_runs(encoding, spans, len(ids))
         if example.messages is not None:
             weights = _reply_weights(example)
             if len(runs) != len(weights):

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from afina.core.artifacts.dataset import DATASET_MANIFEST, DatasetManifest, SplitFile, read_split_records
 from afina.core.artifacts.manifest import ManifestInvalid
+from afina.core.catalog.rendering import render_chat, reply_token_runs, template_tokens
 from afina.core.errors import DatasetInvalid, TrainingFailed
 from afina.core.store import ArtifactStore
 
@@ -86,16 +87,32 @@ def encode_example(tokenizer: Any, messages: list[dict[str, Any]], training_temp
 
     ``assistant_only`` (``hyperparameters.assistant_only_loss``, the default) trains on the replies alone; off,
     every token is trained but the replies with ``weight: 0``."""
-    encoded = tokenizer.apply_chat_template(messages, chat_template=training_template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
-    return _labelled(list(encoded["input_ids"]), list(encoded["assistant_masks"]), messages, max_seq_len,
-                     assistant_only=assistant_only)
+    ((input_ids, runs),) = encode_conversations(tokenizer, [messages], training_template)
+    return _labelled(input_ids, runs, messages, max_seq_len, assistant_only=assistant_only)
 
 
-def _labelled(input_ids: list[int], assistant_mask: list[int], messages: list[dict[str, Any]], max_seq_len: int,
+def encode_conversations(tokenizer: Any, conversations: list[list[dict[str, Any]]],
+                         training_template: str) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Each conversation's token ids and the ``[start, end)`` token run of each assistant reply.
+
+    What transformers' ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives, by the renderer ingest
+    uses (``afina.core.catalog.rendering``), so ingest's verdicts are the trainer's by construction. Its per-token
+    Python loop over every token of a batch was a third of a job's dataset phase."""
+    special = template_tokens(tokenizer)
+    rendered = [render_chat(training_template, messages, special) for messages in conversations]
+    backend = tokenizer.backend_tokenizer  # a fast tokenizer: the mask needs its offsets, as transformers' does
+    if backend.truncation is not None:
+        backend.no_truncation()  # as transformers' own call without truncation leaves it
+    if backend.padding is not None:
+        backend.no_padding()
+    encodings = backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    return [(encoding.ids, reply_token_runs(encoding, spans, len(encoding.ids)))
+            for (_, spans), encoding in zip(rendered, encodings, strict=True)]
+
+
+def _labelled(input_ids: list[int], spans: list[tuple[int, int]], messages: list[dict[str, Any]], max_seq_len: int,
               *, assistant_only: bool) -> tuple[dict[str, list[int]], bool] | None:
-    """One rendered conversation's labels from its assistant-token mask, truncated to ``max_seq_len``."""
-    spans = _mask_runs(assistant_mask)
+    """One rendered conversation's labels from its assistant token runs, truncated to ``max_seq_len``."""
     replies = [message for message in messages if message.get("role") == "assistant"]
     if len(spans) != len(replies):
         # each assistant message renders one generation block ending in the EOS token; anything else is a
@@ -121,11 +138,9 @@ def encode_split(tokenizer: Any, examples: list[dict[str, Any]], training_templa
     split = EncodedSplit(examples=len(examples))
     for first in range(0, len(examples), ENCODE_BATCH):
         conversations = [example["messages"] for example in examples[first:first + ENCODE_BATCH]]
-        encoded = tokenizer.apply_chat_template(conversations, chat_template=training_template, tokenize=True,
-                                                return_dict=True, return_assistant_tokens_mask=True)
-        for messages, input_ids, mask in zip(conversations, encoded["input_ids"], encoded["assistant_masks"],
-                                             strict=True):
-            result = _labelled(list(input_ids), list(mask), messages, max_seq_len, assistant_only=assistant_only)
+        encoded = encode_conversations(tokenizer, conversations, training_template)
+        for messages, (input_ids, runs) in zip(conversations, encoded, strict=True):
+            result = _labelled(input_ids, runs, messages, max_seq_len, assistant_only=assistant_only)
             if result is None:
                 split.dropped += 1
                 continue
@@ -168,18 +183,3 @@ def check_template_parity(tokenizer: Any, examples: list[dict[str, Any]], traini
                                  "model would be served in a format it was not trained on")
         checked += 1
     return checked
-
-
-def _mask_runs(mask: list[int]) -> list[tuple[int, int]]:
-    """``[start, end)`` of every run of ones (searched in C over the mask's bytes: a job's start waits on this for
-    every token of the training split)."""
-    bits = bytes(mask)
-    runs: list[tuple[int, int]] = []
-    start = bits.find(1)
-    while start != -1:
-        end = bits.find(0, start)
-        if end == -1:
-            end = len(bits)
-        runs.append((start, end))
-        start = bits.find(1, end)
-    return runs
