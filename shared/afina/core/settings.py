@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     max_form_field_bytes: int = 64 * 1024
     # /docs, /redoc and /openapi.json: None means on in local mode and off in production
     expose_docs: bool | None = None
+    # FastAPI's native OpenTelemetry (a span and metrics per request, sent to the global providers an operator
+    # configures, e.g. through ``opentelemetry-instrument``): off by default, as afina's own metrics are
+    # Prometheus; off, no request pays for asking whether a provider is configured
+    gateway_opentelemetry: bool = False
     # leftover upload spools and ingest temporary folders older than this are removed at start and
     # by the workers' maintenance sweep (a crash never cleans its own)
     stale_temp_after_s: int = 6 * 3600
