@@ -29,3 +29,32 @@ def test_warm_up_imports_the_training_stack_on_a_cpu_worker(tmp_path: Path, monk
 
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth_compiled")
     assert os.environ["TRITON_CACHE_DIR"] == "/operator/choice"  # an operator's setting wins
+
+
+def test_settling_the_heap_freezes_what_survives() -> None:
+    import gc
+
+    from afina.trainer.warmup import settle_heap
+
+    gc.unfreeze()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0  # the interpreter's own objects at least: out of later full collections
+    finally:
+        gc.unfreeze()  # this test process is not a worker
+
+
+def test_unsloth_leaves_the_tokenizer_its_threads_unless_the_operator_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from afina.trainer.backends import prepare_backend
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))  # no GPU here
+    prepare_backend("unsloth")
+    import os
+
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    prepare_backend("unsloth")
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"

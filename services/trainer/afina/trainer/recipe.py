@@ -83,6 +83,7 @@ from afina.trainer.preflight import (
 )
 from afina.trainer.report import RunFacts, build_report, metric_records, metrics_jsonl
 from afina.trainer.throughput import Checkpointing, Fixed, ThroughputPlan, plan_throughput
+from afina.trainer.warmup import settle_heap
 
 if TYPE_CHECKING:  # callbacks imports transformers: the recipe imports it only inside a running stage
     from afina.trainer.callbacks import RunObservers
@@ -671,6 +672,9 @@ class LoRAFinetuneRecipe:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.trainer = self.model = None
         release_gpu_memory()
+        placement = getattr(self, "placement", None)  # a job that failed before choosing one has none
+        if placement is not None and placement.device == "cuda":
+            settle_heap()  # what the worker keeps warm for the next job, out of the next job's collections
 
 
 def _visible_cuda_devices(device: str) -> int:
