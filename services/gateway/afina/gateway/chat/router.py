@@ -23,7 +23,7 @@ COMPLETION = {200: {"model": ChatCompletion, "description": "The completion, or 
 
 
 @router.post("/completions", response_model=None,
-             responses={**COMPLETION, **error_responses(404, 429, 502, 504)})
+             responses={**COMPLETION, **error_responses(404, 413, 429, 502, 504)})
 async def create_chat_completion(body: ChatCompletionRequest, call: InferenceCallDep) -> Response:
     caller, dispatcher = call.caller, call.dispatcher
     plan = await dispatcher.plan(caller.tenant_id, body.model, call.end_user or body.user)

@@ -22,7 +22,7 @@ COMPLETION = {200: {"model": Completion, "description": "The completion, or with
                         "or `[DONE]` at the end.")}}}}
 
 
-@router.post("/completions", response_model=None, responses={**COMPLETION, **error_responses(404, 429, 502, 504)})
+@router.post("/completions", response_model=None, responses={**COMPLETION, **error_responses(404, 413, 429, 502, 504)})
 async def create_completion(body: CompletionRequest, call: InferenceCallDep) -> Response:
     caller, dispatcher = call.caller, call.dispatcher
     plan = await dispatcher.plan(caller.tenant_id, body.model, call.end_user or body.user)

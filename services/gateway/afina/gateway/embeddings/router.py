@@ -15,7 +15,7 @@ from afina.gateway.serving.headers import target_headers
 router = APIRouter(prefix="/v1", tags=["embeddings"])
 
 
-@router.post("/embeddings", response_model=EmbeddingList, responses=error_responses(404, 429, 502, 504))
+@router.post("/embeddings", response_model=EmbeddingList, responses=error_responses(404, 413, 429, 502, 504))
 async def create_embeddings(body: EmbeddingRequest, call: InferenceCallDep) -> JSONResponse:
     plan = await call.dispatcher.plan(call.caller.tenant_id, body.model, call.end_user or body.user)
     embeddings, answered = await service.embed(call.dispatcher, call.caller, plan, body)
