@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import httpx
+import anyio
 import orjson
 
 from afina.core.errors import InvalidRequest
@@ -33,8 +33,13 @@ from afina.gateway.inference.base import (
     refuse_token_level,
     retry_after_seconds,
 )
+from afina.gateway.inference.http1 import ConnectFailed, Http1Client, Response, TransportError
 
 HEALTH_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 100
+READ_BUFFER_BYTES = 2**24  # one NDJSON line may be this long (a ``done`` line of /api/generate may carry ``context``)
+DRAIN_AFTER_DONE_S = 1.0  # after the ``done`` line, how long the body's end may take to come (then the pool takes it)
+JSON_HEADERS = {"Content-Type": "application/json"}
 # an expiry this far ahead is a negative keep_alive (Go's time.Duration(math.MaxInt64), some 292 years): no expiry
 FOREVER_AFTER_S = 100 * 365 * 24 * 3600.0
 # Sampling's names where Ollama's options differ
@@ -45,19 +50,21 @@ _OPTION_TYPE_ERROR = re.compile(r'^option "[^"]+" must be of ')
 
 
 class OllamaBackend:
-    """One Ollama server, reached over a pooled ``httpx.AsyncClient`` made on the first call."""
+    """One Ollama server, reached over a pooled ``Http1Client`` (``http1.py``), whose per-request CPU is a fraction
+    of httpx's on this, the proxied path. ``timeout_s`` bounds each wait for bytes (to the first byte of an
+    answer, then between stream lines), ``connect_timeout_s`` each connection's opening."""
 
     def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float = 5.0,
                  headers: dict[str, str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.headers = dict(headers or {})
-        self._client: httpx.AsyncClient | None = None
+        self._client = Http1Client(self.base_url, headers=self.headers, connect_timeout_s=connect_timeout_s,
+                                   read_timeout_s=timeout_s, max_connections=MAX_CONNECTIONS,
+                                   max_line_bytes=READ_BUFFER_BYTES)
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers)
+    def client(self) -> Http1Client:
+        """The pooled client; it opens connections on use (again after ``close``)."""
         return self._client
 
     # --- generation ------------------------------------------------------------------------------
@@ -76,11 +83,11 @@ class OllamaBackend:
         pieces: list[str] = []
         final: dict[str, Any] | None = None
         with _transport_errors(path):
-            async with self.client.stream("POST", path, json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise _refusal(response)
-                async for line in response.aiter_lines():
+            response = await self._client.stream("POST", path, orjson.dumps(body), JSON_HEADERS)
+            try:
+                if response.status != 200:
+                    raise _refusal(response.status, response.headers, await response.read(), path)
+                async for line in response.lines():
                     if not line.strip():
                         continue
                     chunk = _decode(line, path)
@@ -92,6 +99,13 @@ class OllamaBackend:
                         yield TextDelta(piece)
                     if chunk.get("done"):
                         final = chunk
+                        break
+                # the body's end is usually a packet behind the done line: read to it, so the connection goes back
+                await response.drain(DRAIN_AFTER_DONE_S)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    # read to its end: back to the pool; else closed, which is how Ollama learns to stop
+                    await response.aclose()
         if final is None:
             raise UpstreamError(f"Ollama ended {path} without its last (done) line")
         yield _generation(final, "".join(pieces))
@@ -110,7 +124,7 @@ class OllamaBackend:
 
     async def loaded(self) -> list[LoadedModel]:
         with _transport_errors("/api/ps"):
-            response = await self.client.get("/api/ps")
+            response = await self._client.request("GET", "/api/ps")
         return [LoadedModel(model=ServedModel(name=entry["name"], backend=OLLAMA_BACKEND, upstream_model=entry["name"]),
                             size=int(entry.get("size") or 0), expires_at=_expiry(entry.get("expires_at")))
                 for entry in _checked_json(response, "/api/ps").get("models") or []]
@@ -118,27 +132,26 @@ class OllamaBackend:
     async def unload(self, model: ServedModel) -> None:
         """Ollama's unload form of ``/api/generate``; a model Ollama does not have is not loaded either."""
         with _transport_errors("/api/generate"):
-            response = await self.client.post("/api/generate", json={"model": _ollama_name(model), "keep_alive": 0})
-        if response.status_code != 404:
+            response = await self._client.request(
+                "POST", "/api/generate", orjson.dumps({"model": _ollama_name(model), "keep_alive": 0}), JSON_HEADERS)
+        if response.status != 404:
             _checked_json(response, "/api/generate")
 
     async def health(self) -> bool:
         """Whether Ollama answers ``/api/version`` now (within ``HEALTH_TIMEOUT_S``)."""
         try:
-            response = await self.client.get("/api/version", timeout=HEALTH_TIMEOUT_S)
-        except httpx.HTTPError:
+            response = await self._client.request("GET", "/api/version", timeout_s=HEALTH_TIMEOUT_S)
+        except (TransportError, TimeoutError):
             return False
-        return response.status_code == 200
+        return response.status == 200
 
     async def close(self) -> None:
         """Close the pooled connections (Ollama's models are Ollama's to unload); the next call opens new ones."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        await self._client.close()
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         with _transport_errors(path):
-            response = await self.client.post(path, json=body)
+            response = await self._client.request("POST", path, orjson.dumps(body), JSON_HEADERS)
         return _checked_json(response, path)
 
 
@@ -204,50 +217,53 @@ def _transport_errors(path: str) -> Iterator[None]:
     """Ollama not reachable or too slow: an ``UpstreamError`` (504 for a timeout) a fallback may cover."""
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except TimeoutError as exc:
         raise UpstreamError(f"Ollama did not answer {path} in time ({type(exc).__name__})", status=504) from None
-    except httpx.TransportError as exc:
-        raise UpstreamError(f"Ollama is not reachable for {path}: {type(exc).__name__}: {exc}") from None
+    except TransportError as exc:
+        kind = "ConnectError" if isinstance(exc, ConnectFailed) else type(exc).__name__
+        raise UpstreamError(f"Ollama is not reachable for {path}: {kind}: {exc}") from None
 
 
-def _checked_json(response: httpx.Response, path: str) -> dict[str, Any]:
-    if response.status_code != 200:
-        raise _refusal(response)
-    return _decode(response.text, path)
+def _checked_json(response: Response, path: str) -> dict[str, Any]:
+    if response.status != 200:
+        raise _refusal(response.status, response.headers, response.body, path)
+    return _decode(response.body, path)
 
 
-def _decode(text: str, path: str) -> dict[str, Any]:
+def _decode(data: bytes, path: str) -> dict[str, Any]:
     try:
-        value = orjson.loads(text)
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise UpstreamError(f"Ollama answered {path} with something that is not JSON: {text[:200]!r}") from None
+        raise UpstreamError(f"Ollama answered {path} with something that is not JSON: {_text(data)[:200]!r}") from None
     if not isinstance(value, dict):
-        raise UpstreamError(f"Ollama answered {path} with JSON that is not an object: {text[:200]!r}")
+        raise UpstreamError(f"Ollama answered {path} with JSON that is not an object: {_text(data)[:200]!r}")
     return value
 
 
-def _refusal(response: httpx.Response) -> Exception:
+def _refusal(status: int, headers: dict[str, str], body: bytes, path: str) -> Exception:
     """What a non-200 answer means: the caller's mistake (400, or a wrongly typed option, which Ollama answers
     with 500) is an ``InvalidRequest`` in Ollama's words; anything else is Ollama's failure, an ``UpstreamError``
     (429 with its ``Retry-After``; a 404 means the registry and Ollama disagree about a model: 502)."""
-    message = _error_text(response)
-    status = response.status_code
+    message = _error_text(body)
     if status == 400 or (status == 500 and _OPTION_TYPE_ERROR.match(message)):
         code = "context_length_exceeded" if "exceeds the context length" in message else None
         return InvalidRequest(message, code=code)
-    where = f"Ollama answered {response.request.url.path} with {status}: {message}"
+    where = f"Ollama answered {path} with {status}: {message}"
     if status == 429:
-        return UpstreamError(where, status=429,
-                             retry_after=retry_after_seconds(response.headers.get("retry-after")))
+        return UpstreamError(where, status=429, retry_after=retry_after_seconds(headers.get("retry-after")))
     return UpstreamError(where)
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(body: bytes) -> str:
     """Ollama's ``{"error": "..."}``, or the body as is from whatever else answered (a proxy's page)."""
     try:
-        error = orjson.loads(response.content).get("error")
+        error = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         error = None
-    return str(error) if error else response.text[:500].strip()
+    return str(error) if error else _text(body)[:500].strip()
+
+
+def _text(body: bytes) -> str:
+    return body.decode(errors="replace")
 
 
