@@ -447,6 +447,47 @@ def test_max_connections_holds_under_concurrency() -> None:
     run(calls())
 
 
+def test_callers_cancelled_anywhere_give_their_slots_back() -> None:
+    """The gateway cancels a proxied call whose caller left: waiting for a slot, waiting for the answer, or in the
+    middle of a stream. Each must give its slot back (a leaked one would, a hundred calls later, stall every call
+    to that upstream), and a call cancelled mid-answer must close its connection (the upstream stops)."""
+    async def slow(raw: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await raw.next_request(reader)) is not None:
+            if request.path == "/drip":
+                writer.write(answer(200, b"", "Transfer-Encoding: chunked", length=False))
+                while True:
+                    writer.write(b"5\r\ntick\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            writer.write(answer(200, request.path.encode()))
+
+    async def streamed(http: Http1Client) -> None:
+        async with await http.stream("GET", "/drip") as response:
+            async for _ in response.lines():
+                pass
+
+    async def calls() -> None:
+        async with Raw(slow) as raw:
+            http = client(raw.url, max_connections=2)
+            for round_ in range(6):  # many more cancellations than slots
+                tasks = [asyncio.create_task(http.request("GET", f"/{round_}-{index}")) for index in range(4)]
+                tasks.append(asyncio.create_task(streamed(http)))
+                await asyncio.sleep(0.05 * (round_ % 3))  # before any slot is given, mid-answer, mid-stream
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                assert http._open <= 2  # the pool's own count (the server notices a closed socket later)
+            # with a slot leaked these would wait forever: both slots are free, and the calls go through them
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(http.request("GET", f"/after-{index}") for index in range(4))), 5)
+            assert sorted(response.body for response in answers) == [b"/after-%d" % index for index in range(4)]
+            assert raw.disconnected.is_set()  # the calls cancelled mid-answer closed their connections
+            await http.close()
+
+    run(calls())
+
+
 def test_a_reused_connection_the_server_closed_is_retried_once_on_a_fresh_one() -> None:
     """The keep-alive race: the server closes a connection it kept idle just as the next request goes out."""
 
