@@ -36,6 +36,11 @@ STREAM_BUFFER_BYTES = 2**20  # a stream's unread body past this pauses reading f
 NO_BODY_STATUSES = frozenset({204, 304})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body still says ``Content-Length: 0``
 LARGE_BODY_BYTES = 2**16  # a body at least this long is written apart from the head, not copied onto it
+JSON_HEADERS = {"Content-Type": "application/json"}  # what the backends' JSON bodies go with
+# after a stream's last event ([DONE], Ollama's done line), how long the body's end may take to come: read to it,
+# the connection goes back to the pool; past it, the connection is closed
+DRAIN_AFTER_LAST_S = 1.0
+MAX_CONNECTIONS = 100  # per client, i.e. per upstream (each model's own limit is the serving layer's)
 
 
 class TransportError(Exception):
@@ -427,7 +432,7 @@ class Http1Client:
     them. ``read_timeout_s`` bounds each wait for bytes, ``connect_timeout_s`` each connection's opening."""
 
     def __init__(self, base_url: str, *, headers: Mapping[str, str] | None = None, connect_timeout_s: float,
-                 read_timeout_s: float, max_connections: int = 100, max_line_bytes: int = 2**20) -> None:
+                 read_timeout_s: float, max_connections: int = MAX_CONNECTIONS, max_line_bytes: int = 2**20) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")

@@ -43,13 +43,16 @@ from afina.gateway.inference.base import (
     UpstreamError,
     retry_after_seconds,
 )
-from afina.gateway.inference.http1 import ConnectFailed, Http1Client, TransportError
+from afina.gateway.inference.http1 import (
+    DRAIN_AFTER_LAST_S,
+    JSON_HEADERS,
+    ConnectFailed,
+    Http1Client,
+    TransportError,
+)
 
 HEALTH_TIMEOUT_S = 2.0
-MAX_CONNECTIONS = 100  # per upstream (each model's own limit is ``UpstreamConfig.max_concurrency``)
 READ_BUFFER_BYTES = 2**20  # one SSE line may be this long (a large usage or tool-call chunk)
-DRAIN_AFTER_DONE_S = 1.0  # after ``[DONE]``, how long the body's end may take to come (then the pool takes it)
-JSON_HEADERS = {"Content-Type": "application/json"}
 ERROR_TEXT_LIMIT = 500  # characters of an upstream's error body kept in a message
 # the ``Sampling`` fields sent, when set: OpenAI's own, and extras llama.cpp's server and vLLM take (a field added
 # to ``Sampling`` later stays home until listed here: OpenAI refuses a field it does not know)
@@ -87,8 +90,7 @@ class OpenAIUpstream:
         self._prefix = parts.path  # the client is the origin's: ``post_json_to`` reaches outside the API's path
         # ``timeout_s`` bounds each wait for bytes (to the first byte of an answer, then between stream chunks)
         self._client = Http1Client(self._origin, headers=self._headers, connect_timeout_s=connect_timeout_s,
-                                   read_timeout_s=timeout_s, max_connections=MAX_CONNECTIONS,
-                                   max_line_bytes=READ_BUFFER_BYTES)
+                                   read_timeout_s=timeout_s, max_line_bytes=READ_BUFFER_BYTES)
 
     def __repr__(self) -> str:
         return f"OpenAIUpstream(name={self.name!r}, base_url={self.base_url!r})"
@@ -160,7 +162,7 @@ class OpenAIUpstream:
             if not done:
                 raise UpstreamError(f"upstream {self.name}: the stream of {path} ended before [DONE]")
             # the body's end is usually a packet behind [DONE]: read to it, so the connection goes back to the pool
-            await response.drain(DRAIN_AFTER_DONE_S)
+            await response.drain(DRAIN_AFTER_LAST_S)
         except (TransportError, TimeoutError) as exc:
             raise self._transport_error(exc, path) from None
         finally:
